@@ -1,0 +1,258 @@
+r"""`GenericAdaptiveOptimizer`: everything an adaptive optimizer needs except its own math.
+
+An optimizer in adaptopt is a subclass that supplies two template methods:
+
+* `init_state(state, group, param)` creates its per-parameter state tensors;
+* `step_param(state, group, grad, param)` updates `param` and `state` in place from `grad`.
+
+The base class owns the rest, the same for every optimizer:
+
+* validation of every hyper-parameter, at construction, per param group and in `add_param_group`;
+* the closure (re-evaluated under `torch.enable_grad()`), skipping params without grads, and rejecting
+  sparse grads;
+* lazy per-parameter state and the step counter `state["step"]`, a Python `int` that the base increments
+  before calling `step_param` (bias corrections are computed from it in float64, whatever the dtypes);
+* `maximize`, complex parameters (stepped as their `torch.view_as_real` twins) and weight decay, through the
+  policy in `weight_decay.py`, applied before `step_param` sees the gradient;
+* the effective learning rate, `learning_rate(state, group)`, the one place where schedules plug in;
+* `state_dict` in torch's format and a `load_state_dict` that validates everything before it changes
+  anything and never rounds state through the parameters' dtype;
+* how the update is executed (`_step_group`): here a plain loop over parameters, the reference.
+
+Because the base has applied decay and maximize before `step_param` is called, and passes the step and
+learning rate through `state` and `learning_rate`, `step_param` can be run unchanged on any tensor that
+holds the parameter's elements, a single parameter or, for optimizers that declare `elementwise = True`,
+a contiguous bucket of many.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from copy import deepcopy
+from typing import Any, ClassVar, TypeAlias, TypedDict
+
+import torch
+from torch.optim import Optimizer
+
+from .validation import validate_group
+from .weight_decay import WeightDecay, apply_weight_decay
+
+__all__ = ["CommonOptions", "GenericAdaptiveOptimizer", "Group", "ParamsT", "State", "as_real"]
+
+ParamsT: TypeAlias = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+State: TypeAlias = dict[str, Any]
+Group: TypeAlias = dict[str, Any]
+
+
+class CommonOptions(TypedDict, total=False):
+    """Options every optimizer of the family takes, after its own hyper-parameters.
+
+    * `maximize`: ascend the objective instead of descending it (torch.optim's flag).
+    """
+
+    maximize: bool
+
+
+class GenericAdaptiveOptimizer(Optimizer):
+    """Base class of every adaptopt optimizer; see the module docstring for the division of labour.
+
+    Subclasses call `super().__init__(params, defaults, weight_decay=..., maximize=...)` with their
+    hyper-parameters in `defaults` (including `lr`), and implement `init_state` and `step_param`.
+    """
+
+    elementwise: ClassVar[bool] = True
+    """`step_param` only combines tensors elementwise (it may be run on any subset of the elements)."""
+
+    def __init__(
+        self,
+        params: ParamsT,
+        defaults: dict[str, Any],
+        *,
+        weight_decay: WeightDecay | float = 0.0,
+        maximize: bool = False,
+    ) -> None:
+        policy = WeightDecay.coerce(weight_decay)
+        defaults = {**defaults, **policy.group_defaults(), "maximize": maximize}
+        validate_group(defaults)
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------------------------------------
+    # Template methods
+
+    def init_state(self, state: State, group: Group, param: torch.Tensor) -> None:
+        """Create the state tensors of `param` (the base has already set `state["step"] = 0`)."""
+        raise NotImplementedError
+
+    def step_param(self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor) -> None:
+        """Update `param` and `state` in place; `state["step"]` is already the number of this step."""
+        raise NotImplementedError
+
+    def lr_factor(self, group: Group, k: int) -> float:
+        """Multiplier of the base rate for the update after `k` completed steps (see `schedules.py`)."""
+        return 1.0
+
+    def learning_rate(self, state: State, group: Group) -> float:
+        r"""The effective learning rate $\eta_t$ of the current step: base rate times schedule."""
+        return float(group["lr"]) * self.lr_factor(group, state["step"] - 1)
+
+    # ----------------------------------------------------------------------------------------------
+    # Param groups
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Validate the group as it will be, before torch.optim records anything.
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        if "weight_decay" in param_group and isinstance(param_group["weight_decay"], WeightDecay):
+            param_group = {**param_group, **param_group["weight_decay"].group_defaults()}
+        validate_group({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+    # ----------------------------------------------------------------------------------------------
+    # Stepping
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Take one optimization step; with a `closure`, re-evaluate the loss first and return it."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _params_with_grad(self, group: Group) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The group's `(param, grad)` pairs, skipping params without a grad."""
+        pairs = []
+        for param in group["params"]:
+            grad = param.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support sparse gradients; "
+                    "use torch.optim.SparseAdam for sparse embeddings"
+                )
+            pairs.append((param, grad))
+        return pairs
+
+    def _state_for(self, group: Group, param: torch.Tensor) -> State:
+        """The state of `param`, created on first use."""
+        state: State = self.state[param]
+        if not state:
+            state["step"] = 0
+            self.init_state(state, group, as_real(param))
+        return state
+
+    def _step_group(self, group: Group) -> None:
+        """The reference execution: one parameter at a time."""
+        for param, grad in self._params_with_grad(group):
+            self._step_one(self._state_for(group, param), group, as_real(grad), as_real(param))
+
+    def _step_one(self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor) -> None:
+        """Bookkeeping shared by every execution path, then the optimizer's own math."""
+        state["step"] += 1
+        if group["maximize"]:
+            grad = -grad
+        grad = apply_weight_decay(param, grad, group, self.learning_rate(state, group))
+        self.step_param(state, group, grad, param)
+
+    # ----------------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def _state_template(self, group: Group, param: torch.Tensor) -> State:
+        """What `init_state` would create for `param`, on the meta device: names, shapes and dtypes."""
+        template: State = {"step": 0}
+        self.init_state(template, group, as_real(param).detach().to("meta"))
+        return template
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of ours or of the matching `torch.optim` optimizer.
+
+        Everything is checked before anything changes: a state dict that does not fit raises `ValueError`
+        and leaves the optimizer exactly as it was. State tensors keep the dtype `init_state` gives them
+        (they are not rounded through a low-precision parameter dtype) and move to the parameter's device.
+        The step counter becomes an `int` whatever it was stored as (torch stores a float32 tensor).
+        Hyper-parameters missing from the saved groups (such as ours in a torch checkpoint) keep their
+        current values.
+        """
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError("state_dict must be a mapping with the keys 'state' and 'param_groups'")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}"
+            )
+        new_groups: list[Group] = []
+        param_of_id: dict[Any, tuple[torch.Tensor, Group]] = {}
+        for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"param group {index} has {len(saved['params'])} params in the state_dict "
+                    f"and {len(group['params'])} in this optimizer"
+                )
+            merged = {**group, **{k: deepcopy(v) for k, v in saved.items() if k != "params"}}
+            merged["params"] = group["params"]
+            try:
+                validate_group(merged)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"param group {index} of the state_dict: {error}") from error
+            new_groups.append(merged)
+            for saved_id, param in zip(saved["params"], group["params"], strict=True):
+                param_of_id[saved_id] = (param, merged)
+
+        new_state: defaultdict[torch.Tensor, State] = defaultdict(dict)
+        for saved_id, saved_state in state_dict["state"].items():
+            if saved_id not in param_of_id:
+                raise ValueError(f"state_dict has state for param id {saved_id!r}, which is in no group")
+            param, group = param_of_id[saved_id]
+            new_state[param] = self._load_param_state(saved_id, saved_state, group, param)
+
+        self.state = new_state
+        for group, merged in zip(self.param_groups, new_groups, strict=True):
+            group.clear()
+            group.update(merged)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_param_state(self, saved_id: Any, saved: Mapping[str, Any], group: Group, param: torch.Tensor) -> State:
+        template = self._state_template(group, param)
+        if set(saved) != set(template):
+            missing = sorted(set(template) - set(saved))
+            unexpected = sorted(set(saved) - set(template))
+            raise ValueError(
+                f"state of param {saved_id!r} does not fit {type(self).__name__}: "
+                f"missing keys {missing}, unexpected keys {unexpected}"
+            )
+        loaded: State = {}
+        for key, value in saved.items():
+            expected = template[key]
+            if key == "step":
+                loaded[key] = _step_to_int(saved_id, value)
+            elif isinstance(expected, torch.Tensor):
+                if not isinstance(value, torch.Tensor) or value.shape != expected.shape:
+                    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                    raise ValueError(
+                        f"state {key!r} of param {saved_id!r} has shape {shape}, expected {tuple(expected.shape)}"
+                    )
+                loaded[key] = value.to(device=param.device, dtype=expected.dtype, copy=True)
+            else:
+                loaded[key] = deepcopy(value)
+        return loaded
+
+
+def _step_to_int(saved_id: Any, value: Any) -> int:
+    number = value.item() if isinstance(value, torch.Tensor) else value
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or number < 0 or number != int(number):
+        raise ValueError(f"step of param {saved_id!r} must be a whole number >= 0, got {value!r}")
+    return int(number)
+
+
+def as_real(tensor: torch.Tensor) -> torch.Tensor:
+    """Complex tensors are optimized as real tensors with a trailing dimension of 2 (torch.optim's rule)."""
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor

@@ -1,0 +1,80 @@
+r"""Shared pieces of the family's math, as plain functions.
+
+Everything here that returns a number works in Python floats (IEEE float64), whatever the parameters'
+dtype, so a float32 run and a float64 run see the same per-step scalars.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "adam_step",
+    "bias_correction",
+    "rectification",
+]
+
+
+def bias_correction(beta: float, step: int) -> float:
+    r"""$1 - \beta^t$: the factor that un-biases an EMA started at zero (Kingma & Ba, 2015, §3)."""
+    return 1.0 - beta**step
+
+
+def rectification(beta2: float, step: int, *, inclusive: bool = False) -> float | None:
+    r"""RAdam's variance rectification term $r_t$, or `None` while the variance is intractable.
+
+    Liu et al., *On the Variance of the Adaptive Learning Rate and Beyond*, ICLR 2020 (arXiv:1908.03265):
+
+    $$\rho_\infty = \frac{2}{1 - \beta_2} - 1, \qquad
+      \rho_t = \rho_\infty - \frac{2 t \beta_2^t}{1 - \beta_2^t}$$
+    $$r_t = \sqrt{\frac{(\rho_t - 4)(\rho_t - 2)\rho_\infty}{(\rho_\infty - 4)(\rho_\infty - 2)\rho_t}}$$
+
+    The adaptive step is used while $\rho_t > 5$ (torch.optim.RAdam). The official AdaBelief code tests
+    $\rho_t \ge 5$: pass `inclusive=True` to follow it.
+    """
+    beta2_t = beta2**step
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    rho_t = rho_inf - 2.0 * step * beta2_t / (1.0 - beta2_t)
+    tractable = rho_t >= 5.0 if inclusive else rho_t > 5.0
+    if not tractable:
+        return None
+    return math.sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t))
+
+
+def adam_step(
+    param: torch.Tensor,
+    exp_avg: torch.Tensor,
+    second_moment: torch.Tensor,
+    *,
+    lr: float,
+    eps: float,
+    bias_correction1: float,
+    bias_correction2: float,
+    optimized_update: bool,
+) -> None:
+    r"""The bias-corrected adaptive step shared by Adam, AMSGrad and RAdam.
+
+    With `optimized_update=False` (torch.optim.Adam's form):
+
+    $$\theta_t \leftarrow \theta_{t-1} - \frac{\eta}{1 - \beta_1^t}
+        \cdot \frac{m_t}{\sqrt{v_t} / \sqrt{1 - \beta_2^t} + \epsilon}$$
+
+    With `optimized_update=True` the bias correction of $v_t$ is folded into the step size, and $\epsilon$
+    becomes $\hat\epsilon = \epsilon \sqrt{1 - \beta_2^t}$ (Kingma & Ba, §2, last paragraph); one division
+    of a param-sized tensor less:
+
+    $$\theta_t \leftarrow \theta_{t-1} - \eta \frac{\sqrt{1 - \beta_2^t}}{1 - \beta_1^t}
+        \cdot \frac{m_t}{\sqrt{v_t} + \hat\epsilon}$$
+
+    `lr` may already include RAdam's rectification $r_t$.
+    """
+    if optimized_update:
+        denominator = second_moment.sqrt().add_(eps)
+        step_size = lr * math.sqrt(bias_correction2) / bias_correction1
+    else:
+        # The operation order of torch.optim.Adam's single-tensor path, so the two agree bitwise.
+        denominator = (second_moment.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+        step_size = lr / bias_correction1
+    param.addcdiv_(exp_avg, denominator, value=-step_size)

@@ -1,0 +1,125 @@
+r"""Adam and AMSGrad.
+
+Adam: Kingma & Ba, *Adam: A Method for Stochastic Optimization*, ICLR 2015 (arXiv:1412.6980).
+AMSGrad: Reddi, Kale & Kumar, *On the Convergence of Adam and Beyond*, ICLR 2018 (openreview ryQu7f-RZ).
+
+With gradient $g_t$ (after weight decay, see `WeightDecay`):
+
+$$m_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t$$
+$$v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2$$
+
+AMSGrad normalises by the running maximum $\hat v_t = \max(\hat v_{t-1}, v_t)$ instead of $v_t$, which
+keeps the effective step size from growing and restores the convergence proof that Adam lacks.
+
+The step itself is in `functional.adam_step`: `optimized_update=True` (the default, the seed's) uses
+$\sqrt{v_t} + \epsilon$ with the bias correction of $v_t$ folded into the step size;
+`optimized_update=False` is `torch.optim.Adam`'s $\sqrt{v_t / (1 - \beta_2^t)} + \epsilon$. The two differ
+only in where $\epsilon$ sits; with `optimized_update=False`, `Adam` equals `torch.optim.Adam` and, with
+`weight_decay=WeightDecay(w)`, `torch.optim.AdamW(weight_decay=w)`.
+
+The default `eps=1e-16` is the seed's; torch's is `1e-8`. It only matters when $v_t$ is tiny.
+
+The functions here are the whole of the math; the schedule optimizers in `warmup.py` reuse them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from typing_extensions import Unpack
+
+from ..base import CommonOptions, GenericAdaptiveOptimizer, Group, ParamsT, State
+from ..functional import adam_step, bias_correction
+from ..weight_decay import WeightDecay
+
+__all__ = ["AMSGrad", "Adam", "adam_init_state", "adam_step_param"]
+
+
+def adam_init_state(optimizer: GenericAdaptiveOptimizer, state: State, group: Group, param: torch.Tensor) -> None:
+    """$m_0 = 0$, $v_0 = 0$ and, for AMSGrad, $\\hat v_0 = 0$ (torch.optim's state names)."""
+    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    if group["amsgrad"]:
+        state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+def adam_step_param(
+    optimizer: GenericAdaptiveOptimizer, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor
+) -> None:
+    """One Adam (or AMSGrad) update of `param`."""
+    beta1, beta2 = group["betas"]
+    step = state["step"]
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    # m_t = beta1 m_{t-1} + (1 - beta1) g_t, written as torch.optim.Adam writes it.
+    exp_avg.lerp_(grad, 1.0 - beta1)
+    # v_t = beta2 v_{t-1} + (1 - beta2) g_t^2
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    second_moment = exp_avg_sq
+    if group["amsgrad"]:
+        # \hat v_t = max(\hat v_{t-1}, v_t)
+        second_moment = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq, out=state["max_exp_avg_sq"])
+    adam_step(
+        param,
+        exp_avg,
+        second_moment,
+        lr=optimizer.learning_rate(state, group),
+        eps=group["eps"],
+        bias_correction1=bias_correction(beta1, step),
+        bias_correction2=bias_correction(beta2, step),
+        optimized_update=group["optimized_update"],
+    )
+
+
+class Adam(GenericAdaptiveOptimizer):
+    """Adam; see the module docstring for the update rule.
+
+    * `lr` is the learning rate $\\eta$; `betas` are $(\\beta_1, \\beta_2)$; `eps` is $\\epsilon$.
+    * `weight_decay` is a `WeightDecay` policy; a float means *decoupled* decay (AdamW), unlike torch.
+    * `optimized_update` chooses where $\\epsilon$ sits (see `functional.adam_step`).
+    * `amsgrad` normalises by the running maximum of $v_t$ (see `AMSGrad`).
+    """
+
+    init_state = adam_init_state
+    step_param = adam_step_param
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        *,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-16,
+        weight_decay: WeightDecay | float = WeightDecay(),
+        optimized_update: bool = True,
+        amsgrad: bool = False,
+        **options: Unpack[CommonOptions],
+    ) -> None:
+        defaults: dict[str, Any] = dict(lr=lr, betas=betas, eps=eps, optimized_update=optimized_update, amsgrad=amsgrad)
+        super().__init__(params, defaults, weight_decay=weight_decay, **options)
+
+
+class AMSGrad(GenericAdaptiveOptimizer):
+    """AMSGrad: Adam normalised by $\\hat v_t = \\max(\\hat v_{t-1}, v_t)$.
+
+    With `optimized_update=False` it equals `torch.optim.Adam(amsgrad=True)`. `amsgrad=False` turns it
+    back into Adam, which is handy for comparing the two with one class.
+    """
+
+    init_state = adam_init_state
+    step_param = adam_step_param
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        *,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-16,
+        weight_decay: WeightDecay | float = WeightDecay(),
+        optimized_update: bool = True,
+        amsgrad: bool = True,
+        **options: Unpack[CommonOptions],
+    ) -> None:
+        defaults: dict[str, Any] = dict(lr=lr, betas=betas, eps=eps, optimized_update=optimized_update, amsgrad=amsgrad)
+        super().__init__(params, defaults, weight_decay=weight_decay, **options)

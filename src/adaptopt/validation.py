@@ -1,0 +1,87 @@
+"""Hyper-parameter checks shared by the whole family: a name means the same thing in every optimizer."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = ["HYPERPARAMETER_CHECKS", "validate_group"]
+
+
+def _require_real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN")
+    return float(value)
+
+
+def _in_range(name: str, value: Any, low: float, high: float, *, low_open: bool, high_open: bool) -> None:
+    x = _require_real(name, value)
+    above = x > low if low_open else x >= low
+    below = x < high if high_open else x <= high
+    if not (above and below):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+
+
+def _non_negative(name: str, value: Any) -> None:
+    _in_range(name, value, 0.0, math.inf, low_open=False, high_open=True)
+
+
+def _positive(name: str, value: Any) -> None:
+    _in_range(name, value, 0.0, math.inf, low_open=True, high_open=True)
+
+
+def _non_negative_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    _non_negative(name, value)
+
+
+def _betas(name: str, value: Any) -> None:
+    if not isinstance(value, (tuple, list)):
+        raise TypeError(f"{name} must be a pair (beta1, beta2), got {type(value).__name__} {value!r}")
+    if len(value) != 2:
+        raise ValueError(f"{name} must be a pair (beta1, beta2), got {len(value)} values: {value!r}")
+    for index, beta in enumerate(value):
+        _in_range(f"{name}[{index}]", beta, 0.0, 1.0, low_open=False, high_open=True)
+
+
+def _flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+# One table for the whole family: a hyper-parameter means the same thing in every optimizer that has it.
+HYPERPARAMETER_CHECKS: dict[str, Callable[[str, Any], None]] = {
+    "lr": _non_negative,
+    "eps": _non_negative,
+    "betas": _betas,
+    "weight_decay": _non_negative,
+    "rho": _positive,
+    "warmup": _non_negative_int,
+    "d_model": _positive,
+    "total_steps": _positive,
+    "n_tokens_training_batch": _positive,
+    "maximize": _flag,
+    "optimized_update": _flag,
+    "amsgrad": _flag,
+    "degenerate_to_sgd": _flag,
+    "rectify": _flag,
+    "decoupled_weight_decay": _flag,
+    "weight_decay_absolute": _flag,
+    "weight_decay_l1": _flag,
+}
+
+
+def validate_group(group: Mapping[str, Any]) -> None:
+    """Raise `ValueError`/`TypeError` naming the first hyper-parameter of `group` that is out of range."""
+    for name, check in HYPERPARAMETER_CHECKS.items():
+        if name in group:
+            check(name, group[name])
+    if "total_steps" in group and "warmup" in group and not group["total_steps"] > group["warmup"]:
+        raise ValueError(f"total_steps must be greater than warmup ({group['warmup']!r}), got {group['total_steps']!r}")
+    if group.get("weight_decay_absolute") and not group.get("decoupled_weight_decay", True):
+        raise ValueError("weight_decay_absolute=True requires decoupled weight decay")
