@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up .venv with the test extras, then lint, type-check and run the whole test suite.
+# pytest exits 5 when no test ran; like any other failure, that fails this script.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh test
+.venv/bin/ruff check src tests benchmarks
+.venv/bin/ruff format --check src tests benchmarks
+.venv/bin/mypy
+.venv/bin/python -m pytest -q "$@"
