@@ -5,6 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-experiments}"
 python3 -m venv .venv
-.venv/bin/python -m pip install --quiet --upgrade pip 2>/dev/null || true
 .venv/bin/python -m pip install --quiet "torch==${ADAPTOPT_TORCH_VERSION:-2.13.0}"
 .venv/bin/python -m pip install --quiet -e ".[${extras}]"
