@@ -1,0 +1,358 @@
+"""One rank of the distributed tests, and the single-process runs they are compared with.
+
+`tests/test_distributed.py` starts this file as two processes (gloo on CPU, loopback only):
+
+    python tests/distributed_worker.py SCENARIO --rank R --world-size 2 --port P --out DIR
+
+Each scenario trains every case of `CASES` (every adaptopt optimizer, with its weight-decay policy) under
+one kind of data parallelism, each rank taking its half of every global batch, and saves what it ended
+with to `DIR/SCENARIO-rankR.pt`; the test compares that with `single_process_run`, which trains the same
+model on the whole batch with no process group. Everything is float64 so that the only differences left
+are the summation orders of the gradient reductions.
+
+Batching every optimizer into one launch keeps the cost of starting processes (importing torch, forming
+the group) to once per scenario.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import adaptopt
+from adaptopt import WeightDecay
+from adaptopt.base import CommonOptions
+
+IN_FEATURES, HIDDEN, CLASSES = 6, 8, 3
+GLOBAL_BATCH = 8
+STEPS_BEFORE_CHECKPOINT, STEPS_AFTER_CHECKPOINT = 6, 4
+STEPS = STEPS_BEFORE_CHECKPOINT + STEPS_AFTER_CHECKPOINT
+HESSIAN_EVERY = 2
+"""Sophia estimates its Hessian every second step, so both halves of a resumed run contain estimates."""
+
+# "default" leaves the choice to the optimizer; "reference" forces the plain per-parameter loop, where
+# the base class offers the choice (CommonOptions gains `execution` with the bucketed/compiled paths).
+EXECUTIONS: tuple[str, ...] = ("default", "reference") if "execution" in CommonOptions.__annotations__ else ("default",)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One optimizer with hyper-parameters chosen so that its schedule and weight decay matter in STEPS."""
+
+    label: str
+    optimizer_class: type[adaptopt.GenericAdaptiveOptimizer]
+    hyperparams: dict[str, Any] = field(default_factory=dict)
+
+    def kwargs(self, execution: str) -> dict[str, Any]:
+        return self.hyperparams if execution == "default" else {**self.hyperparams, "execution": execution}
+
+    def make(self, params: Any, execution: str) -> adaptopt.GenericAdaptiveOptimizer:
+        return self.optimizer_class(params, **self.kwargs(execution))
+
+    @property
+    def estimates_hessian(self) -> bool:
+        return issubclass(self.optimizer_class, adaptopt.Sophia)
+
+
+CASES: tuple[Case, ...] = (
+    Case("adam", adaptopt.Adam, dict(lr=1e-2, weight_decay=WeightDecay(0.1))),
+    Case(
+        "adam_torch_form_l2",
+        adaptopt.Adam,
+        dict(lr=1e-2, eps=1e-8, optimized_update=False, weight_decay=WeightDecay(0.05, weight_decouple=False)),
+    ),
+    Case("amsgrad", adaptopt.AMSGrad, dict(lr=1e-2, weight_decay=WeightDecay(0.01, absolute=True))),
+    Case("adam_warmup", adaptopt.AdamWarmup, dict(lr=1e-2, warmup=4)),
+    Case(
+        "adam_warmup_cosine_decay",
+        adaptopt.AdamWarmupCosineDecay,
+        dict(lr=1e-2, warmup=2, total_steps=STEPS, weight_decay=WeightDecay(0.02, l1=True)),
+    ),
+    Case("noam", adaptopt.Noam, dict(lr=1.0, warmup=3, d_model=16)),
+    # RAdam's rectification switches on at step 6 with beta2 = 0.999: both regimes are in the run.
+    Case("radam", adaptopt.RAdam, dict(lr=1e-2, weight_decay=0.1)),
+    Case("adabelief", adaptopt.AdaBelief, dict(lr=1e-2, weight_decay=WeightDecay(0.05, weight_decouple=False))),
+    Case("sophia", adaptopt.Sophia, dict(lr=1e-2, rho=0.05, weight_decay=WeightDecay(0.1))),
+)
+
+
+def covered_optimizers() -> set[str]:
+    """The registry names the cases cover (the test checks that this is every adaptopt optimizer)."""
+    classes = {case.optimizer_class for case in CASES}
+    return {name for name in adaptopt.available() if adaptopt.describe(name).factory in classes}
+
+
+def build_model() -> nn.Module:
+    """The same float64 MLP in every process. The last layer has 3 rows: FSDP shards it unevenly (2 + 1)."""
+    generator = torch.Generator().manual_seed(1234)
+    model = nn.Sequential(nn.Linear(IN_FEATURES, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, CLASSES)).double()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float64) * 0.5)
+    return model
+
+
+@dataclass(frozen=True)
+class Batch:
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    uniforms: torch.Tensor
+    """Draws in [0, 1) that pick the labels of Sophia's Hessian estimate from the model's own softmax."""
+
+    def shard(self, rank: int, world_size: int) -> Batch:
+        """Rank `rank`'s contiguous share of the global batch."""
+        size = GLOBAL_BATCH // world_size
+        rows = slice(rank * size, (rank + 1) * size)
+        return Batch(self.inputs[rows], self.targets[rows], self.uniforms[rows])
+
+
+def global_batch(step: int) -> Batch:
+    generator = torch.Generator().manual_seed(10_000 + step)
+    return Batch(
+        torch.randn(GLOBAL_BATCH, IN_FEATURES, generator=generator, dtype=torch.float64),
+        torch.randint(0, CLASSES, (GLOBAL_BATCH,), generator=generator),
+        torch.rand(GLOBAL_BATCH, generator=generator, dtype=torch.float64),
+    )
+
+
+def sampled_labels(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Labels drawn from softmax(logits) by inverting its CDF at `uniforms`.
+
+    Sophia's Gauss-Newton-Bartlett estimate needs labels sampled from the model. Drawing them from
+    per-example uniforms fixed in advance (instead of a generator's state) gives every example the same
+    label whether it is on rank 0, rank 1 or in the single-process run.
+    """
+    cdf = logits.detach().softmax(dim=-1).cumsum(dim=-1)
+    return torch.searchsorted(cdf, uniforms.unsqueeze(-1)).squeeze(-1).clamp_(max=CLASSES - 1)
+
+
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    case: Case,
+    steps: range,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    hessian_optimizer: adaptopt.GenericAdaptiveOptimizer | None = None,
+) -> None:
+    """Train over `steps` of the global schedule; each rank sees its share of every global batch.
+
+    Under data parallelism the gradient is the mean over the *global* batch (DDP and FSDP average the
+    ranks' means), so Sophia's `update_hessian` is given the global batch size.
+    """
+    for step in steps:
+        batch = global_batch(step).shard(rank, world_size)
+        F.cross_entropy(model(batch.inputs), batch.targets).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if case.estimates_hessian and step % HESSIAN_EVERY == HESSIAN_EVERY - 1:
+            logits = model(batch.inputs)
+            F.cross_entropy(logits, sampled_labels(logits, batch.uniforms)).backward()
+            target = hessian_optimizer if hessian_optimizer is not None else optimizer
+            assert isinstance(target, adaptopt.Sophia)
+            target.update_hessian(GLOBAL_BATCH)
+            optimizer.zero_grad(set_to_none=True)
+
+
+def single_process_run(case: Case) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, Any]]]:
+    """The oracle: the whole batch in one process; final parameters and optimizer state."""
+    model = build_model()
+    optimizer = case.make(model.parameters(), "default")
+    train(model, optimizer, case, range(STEPS))
+    return _detached(model.state_dict()), optimizer.state_dict()["state"]
+
+
+def _detached(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in tensors.items()}
+
+
+def _full(value: Any) -> Any:
+    """A DTensor gathered into a plain tensor (a collective: every rank must call it in the same order)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        return value.full_tensor()
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    return copy.deepcopy(value)
+
+
+def _full_state(state: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    return {index: {key: _full(value) for key, value in entry.items()} for index, entry in sorted(state.items())}
+
+
+def _runs() -> Iterator[tuple[str, Case, str]]:
+    for execution in EXECUTIONS:
+        for case in CASES:
+            yield f"{case.label}/{execution}", case, execution
+
+
+# --------------------------------------------------------------------------------------------------
+# Scenarios: each returns {key: result}; the test reads the keys documented here.
+
+
+def scenario_ddp(rank: int, world_size: int, out: Path) -> dict[str, Any]:
+    """DDP with and without gradient_as_bucket_view: final params and optimizer state of every case."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    results: dict[str, Any] = {}
+    for key, case, execution in _runs():
+        for bucket_view in (False, True):
+            model = DistributedDataParallel(build_model(), gradient_as_bucket_view=bucket_view)
+            optimizer = case.make(model.parameters(), execution)
+            train(model, optimizer, case, range(STEPS), rank=rank, world_size=world_size)
+            results[f"{key}/bucket_view={bucket_view}"] = {
+                "params": _detached(model.module.state_dict()),
+                "state": _full_state(optimizer.state_dict()["state"]),
+            }
+    return results
+
+
+def scenario_zero(rank: int, world_size: int, out: Path) -> dict[str, Any]:
+    """DDP + ZeroRedundancyOptimizer(optimizer_class=adaptopt.X, **hyperparams).
+
+    Per case: the params after STEPS uninterrupted steps; the consolidated state dict then (rank 0 only);
+    and the params of a second run that was rebuilt from the consolidated state dict and the model's
+    state dict at the checkpoint, loaded on every rank, and continued to STEPS.
+    """
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    def make(case: Case, execution: str, model_state: dict[str, torch.Tensor] | None = None) -> tuple[Any, Any]:
+        module = build_model()
+        if model_state is not None:
+            module.load_state_dict(model_state)
+        model = DistributedDataParallel(module)
+        optimizer = ZeroRedundancyOptimizer(
+            model.parameters(), optimizer_class=case.optimizer_class, **case.kwargs(execution)
+        )
+        return model, optimizer
+
+    results: dict[str, Any] = {}
+    for key, case, execution in _runs():
+        model, optimizer = make(case, execution)
+        sharded = [len(group["params"]) for group in optimizer.optim.param_groups]
+        run = dict(rank=rank, world_size=world_size, hessian_optimizer=optimizer.optim)
+        train(model, optimizer, case, range(STEPS_BEFORE_CHECKPOINT), **run)
+        optimizer.consolidate_state_dict(to=0)
+        checkpoint = [optimizer.state_dict() if rank == 0 else None, _detached(model.module.state_dict())]
+        dist.broadcast_object_list(checkpoint, src=0)
+        optimizer_state, model_state = checkpoint
+        train(model, optimizer, case, range(STEPS_BEFORE_CHECKPOINT, STEPS), **run)
+        optimizer.consolidate_state_dict(to=0)
+        final_state = optimizer.state_dict() if rank == 0 else None
+
+        resumed_model, resumed_optimizer = make(case, execution, model_state)
+        # ZeroRedundancyOptimizer.load_state_dict blanks the entries of other ranks in its argument.
+        resumed_optimizer.load_state_dict(copy.deepcopy(optimizer_state))
+        resumed_run = dict(run, hessian_optimizer=resumed_optimizer.optim)
+        train(resumed_model, resumed_optimizer, case, range(STEPS_BEFORE_CHECKPOINT, STEPS), **resumed_run)
+        results[key] = {
+            "params": _detached(model.module.state_dict()),
+            "local_params": sharded,
+            "state_dict": final_state,
+            "checkpoint_state_dict": optimizer_state if rank == 0 else None,
+            "resumed_params": _detached(resumed_model.module.state_dict()),
+        }
+    return results
+
+
+def scenario_fsdp(rank: int, world_size: int, out: Path) -> dict[str, Any]:
+    """FSDP2 (fully_shard, DTensor params) with torch.distributed.checkpoint save and resume.
+
+    Per case: the full params and optimizer state after STEPS uninterrupted steps, the local shapes of
+    the params (to show they really were sharded), and the full params of a run that was rebuilt, loaded
+    from the checkpoint saved after STEPS_BEFORE_CHECKPOINT steps and continued to STEPS.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    def make(case: Case, execution: str) -> tuple[nn.Module, adaptopt.GenericAdaptiveOptimizer]:
+        model = build_model()
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        return model, case.make(model.parameters(), execution)
+
+    results: dict[str, Any] = {}
+    for key, case, execution in _runs():
+        checkpoint_dir = out / "dcp" / key.replace("/", "-")
+        model, optimizer = make(case, execution)
+        local_shapes = {
+            name: tuple(p.to_local().shape) if isinstance(p, DTensor) else None for name, p in model.named_parameters()
+        }
+        run = dict(rank=rank, world_size=world_size)
+        train(model, optimizer, case, range(STEPS_BEFORE_CHECKPOINT), **run)
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=checkpoint_dir)
+        train(model, optimizer, case, range(STEPS_BEFORE_CHECKPOINT, STEPS), **run)
+        params = {name: _full(p) for name, p in model.named_parameters()}
+        state = _full_state(optimizer.state_dict()["state"])
+
+        resumed_model, resumed_optimizer = make(case, execution)
+        model_state, optimizer_state = get_state_dict(resumed_model, resumed_optimizer)
+        loaded = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(loaded, checkpoint_id=checkpoint_dir)
+        set_state_dict(
+            resumed_model, resumed_optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"]
+        )
+        train(resumed_model, resumed_optimizer, case, range(STEPS_BEFORE_CHECKPOINT, STEPS), **run)
+        results[key] = {
+            "params": params,
+            "state": state,
+            "local_shapes": local_shapes,
+            "resumed_params": {name: _full(p) for name, p in resumed_model.named_parameters()},
+            "resumed_state": _full_state(resumed_optimizer.state_dict()["state"]),
+        }
+    return results
+
+
+SCENARIOS: dict[str, Callable[[int, int, Path], dict[str, Any]]] = {
+    "ddp": scenario_ddp,
+    "zero": scenario_zero,
+    "fsdp": scenario_fsdp,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("scenario", choices=sorted(SCENARIOS))
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world-size", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    # Two ranks share two cores: one thread each avoids oversubscription.
+    torch.set_num_threads(1)
+    # A rank whose peer died must fail within the test's time budget instead of waiting 30 minutes.
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{args.port}",
+        rank=args.rank,
+        world_size=args.world_size,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        results = SCENARIOS[args.scenario](args.rank, args.world_size, args.out)
+        torch.save(results, args.out / f"{args.scenario}-rank{args.rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
