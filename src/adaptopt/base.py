@@ -49,9 +49,15 @@ class CommonOptions(TypedDict, total=False):
     """Options every optimizer of the family takes, after its own hyper-parameters.
 
     * `maximize`: ascend the objective instead of descending it (torch.optim's flag).
+    * `master_weights`: step fp16/bf16 params through fp32 master copies kept in the state (the params are
+      re-derived from them after every step), with fp32 optimizer state; no effect on fp32/fp64 params.
+    * `state_dtype`: the dtype the optimizer's state tensors are stored in (`torch.float32` or
+      `torch.bfloat16`); the math still runs in fp32 (or the param's dtype, if wider).
     """
 
     maximize: bool
+    master_weights: bool
+    state_dtype: torch.dtype | str | None
 
 
 class GenericAdaptiveOptimizer(Optimizer):
@@ -71,9 +77,12 @@ class GenericAdaptiveOptimizer(Optimizer):
         *,
         weight_decay: WeightDecay | float = 0.0,
         maximize: bool = False,
+        master_weights: bool = False,
+        state_dtype: torch.dtype | str | None = None,
     ) -> None:
         policy = WeightDecay.coerce(weight_decay)
         defaults = {**defaults, **policy.group_defaults(), "maximize": maximize}
+        defaults.update(master_weights=master_weights, state_dtype=storage_dtype_name(state_dtype))
         validate_group(defaults)
         super().__init__(params, defaults)
 
@@ -105,6 +114,8 @@ class GenericAdaptiveOptimizer(Optimizer):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         if "weight_decay" in param_group and isinstance(param_group["weight_decay"], WeightDecay):
             param_group = {**param_group, **param_group["weight_decay"].group_defaults()}
+        if "state_dtype" in param_group:
+            param_group = {**param_group, "state_dtype": storage_dtype_name(param_group["state_dtype"])}
         validate_group({**self.defaults, **param_group})
         super().add_param_group(param_group)
 
@@ -118,6 +129,8 @@ class GenericAdaptiveOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._amp_found_inf():
+            return loss
         for group in self.param_groups:
             self._step_group(group)
         return loss
@@ -141,14 +154,17 @@ class GenericAdaptiveOptimizer(Optimizer):
         """The state of `param`, created on first use."""
         state: State = self.state[param]
         if not state:
-            state["step"] = 0
-            self.init_state(state, group, as_real(param))
+            self._initialize_state(state, group, param)
         return state
 
     def _step_group(self, group: Group) -> None:
         """The reference execution: one parameter at a time."""
         for param, grad in self._params_with_grad(group):
-            self._step_one(self._state_for(group, param), group, as_real(grad), as_real(param))
+            state = self._state_for(group, param)
+            if self._needs_working_copies(group):
+                self._step_through_working_copies(state, group, as_real(grad), as_real(param))
+            else:
+                self._step_one(state, group, as_real(grad), as_real(param))
 
     def _step_one(self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor) -> None:
         """Bookkeeping shared by every execution path, then the optimizer's own math."""
@@ -159,12 +175,106 @@ class GenericAdaptiveOptimizer(Optimizer):
         self.step_param(state, group, grad, param)
 
     # ----------------------------------------------------------------------------------------------
+    # Low precision: fp32 master weights, state stored in another dtype, GradScaler's unscaling.
+    # Every execution path creates state through `_initialize_state`, skips the whole step when
+    # `_amp_found_inf()`, and steps a group for which `_needs_working_copies(group)` holds through
+    # `_step_through_working_copies`.
+
+    def _stores_in_other_dtype(self, group: Group) -> bool:
+        return bool(group["master_weights"]) or group["state_dtype"] is not None
+
+    def _needs_working_copies(self, group: Group) -> bool:
+        """Whether the math must run on working copies: master weights, a storage dtype, or grads to unscale."""
+        return self._stores_in_other_dtype(group) or getattr(self, "grad_scale", None) is not None
+
+    def _initialize_state(self, state: State, group: Group, param: torch.Tensor) -> None:
+        """Create the state of `param`: the step counter, the master weight if any, then `init_state`.
+
+        By default `init_state` sees the param itself, so the state has the param's dtype (torch.optim's
+        rule). With `master_weights` or `state_dtype` it sees the working tensor (the fp32 master, or the
+        param upcast to fp32) and the state is then cast to the storage dtype. `load_state_dict` calls this
+        on a meta-device param to learn the names, shapes and dtypes it must find in a checkpoint.
+        """
+        state["step"] = 0
+        real = as_real(param)
+        if not self._stores_in_other_dtype(group):
+            self.init_state(state, group, real)
+            return
+        work_dtype = _working_dtype(real.dtype)
+        if group["master_weights"] and work_dtype != real.dtype:
+            state[MASTER_WEIGHT] = real.detach().to(work_dtype, copy=True)
+            working = state[MASTER_WEIGHT]
+        else:
+            working = real.detach().to(work_dtype)
+        self.init_state(state, group, working)
+        storage = work_dtype if group["state_dtype"] is None else getattr(torch, group["state_dtype"])
+        for key, value in state.items():
+            if key != MASTER_WEIGHT and isinstance(value, torch.Tensor) and value.is_floating_point():
+                state[key] = value.to(storage)
+
+    def _step_through_working_copies(self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor) -> None:
+        """`_step_one` on working copies, whose results are then written back to where they are stored.
+
+        The math runs on the master weight (or on the param upcast to fp32) with the grad unscaled and cast
+        to its dtype, and on the state upcast from its storage dtype; the state is then rounded back into
+        its storage and the param re-derived from the master. `grad` and `param` are real (`as_real`).
+        """
+        work_dtype = _working_dtype(param.dtype) if self._stores_in_other_dtype(group) else param.dtype
+        master = state.get(MASTER_WEIGHT)
+        work_param = master if master is not None else param.to(work_dtype)
+        work_grad = self._unscaled(grad).to(work_dtype)
+        stored = {
+            key: value
+            for key, value in state.items()
+            if key != MASTER_WEIGHT
+            and isinstance(value, torch.Tensor)
+            and value.is_floating_point()
+            and value.dtype != work_dtype
+        }
+        try:
+            state.update({key: value.to(work_dtype) for key, value in stored.items()})
+            self._step_one(state, group, work_grad, work_param)
+            for key, value in stored.items():
+                value.copy_(state[key])
+        finally:
+            state.update(stored)
+        if work_param is not param:
+            param.copy_(work_param)
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """GradScaler's opt-in (torch's fused Adam uses it): when True, `scaler.step(optimizer)` does not
+        unscale the grads in place but sets `optimizer.grad_scale` and `optimizer.found_inf` and calls
+        `step()`, which then skips itself on an inf/nan and unscales each grad into its working dtype.
+
+        We opt in only when a group keeps master weights: GradScaler refuses to unscale fp16 grads in
+        place (`allow_fp16=False`, fp16 is too narrow for unscaled grads), but with master weights the
+        unscaled grad never has to exist in fp16, only in fp32, so nothing about GradScaler is overridden.
+        """
+        return any(group["master_weights"] for group in self.param_groups)
+
+    def _amp_found_inf(self) -> bool:
+        """True when GradScaler found an inf/nan in the grads: the step must then change nothing."""
+        found_inf = getattr(self, "found_inf", None)
+        return found_inf is not None and bool(found_inf.item())
+
+    def _unscaled(self, grad: torch.Tensor) -> torch.Tensor:
+        """`grad` divided by GradScaler's scale, when the scaler left the unscaling to `step()`."""
+        scale = getattr(self, "grad_scale", None)
+        if scale is None:
+            return grad
+        # GradScaler.unscale_'s own inverse and a multiplication in at least fp32, so both paths agree bitwise.
+        inverse = scale.double().reciprocal().float().to(grad.device)
+        wide = grad if grad.dtype in (torch.float32, torch.float64) else grad.float()
+        return wide.mul(inverse)
+
+    # ----------------------------------------------------------------------------------------------
     # Checkpoints
 
     def _state_template(self, group: Group, param: torch.Tensor) -> State:
         """What `init_state` would create for `param`, on the meta device: names, shapes and dtypes."""
-        template: State = {"step": 0}
-        self.init_state(template, group, as_real(param).detach().to("meta"))
+        template: State = {}
+        self._initialize_state(template, group, param.detach().to("meta"))
         return template
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -222,6 +332,9 @@ class GenericAdaptiveOptimizer(Optimizer):
 
     def _load_param_state(self, saved_id: Any, saved: Mapping[str, Any], group: Group, param: torch.Tensor) -> State:
         template = self._state_template(group, param)
+        if MASTER_WEIGHT in template and MASTER_WEIGHT not in saved:
+            # A checkpoint taken without master weights: the param is the best master there is.
+            saved = {**saved, MASTER_WEIGHT: as_real(param).detach()}
         if set(saved) != set(template):
             missing = sorted(set(template) - set(saved))
             unexpected = sorted(set(saved) - set(template))
@@ -235,6 +348,8 @@ class GenericAdaptiveOptimizer(Optimizer):
             if key == "step":
                 loaded[key] = _step_to_int(saved_id, value)
             elif isinstance(expected, torch.Tensor):
+                if isinstance(value, torch.Tensor) and value.is_complex():
+                    value = torch.view_as_real(value)  # torch.optim keeps a complex param's state complex
                 if not isinstance(value, torch.Tensor) or value.shape != expected.shape:
                     shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                     raise ValueError(
@@ -251,6 +366,33 @@ def _step_to_int(saved_id: Any, value: Any) -> int:
     if isinstance(number, bool) or not isinstance(number, (int, float)) or number < 0 or number != int(number):
         raise ValueError(f"step of param {saved_id!r} must be a whole number >= 0, got {value!r}")
     return int(number)
+
+
+MASTER_WEIGHT = "master_weight"
+"""State key of the fp32 master copy of a low-precision param (`master_weights=True`)."""
+
+STORAGE_DTYPES = ("float32", "bfloat16")
+"""What `state_dtype` may be. Not float16: the second moments (grad squared) leave its range."""
+
+
+def storage_dtype_name(dtype: torch.dtype | str | None) -> str | None:
+    """`state_dtype` as the group stores it: a name such as "bfloat16", so groups hold only primitives."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        name = str(dtype).removeprefix("torch.")
+    elif isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+    else:
+        raise TypeError(f"state_dtype must be a torch.dtype or None, got {type(dtype).__name__} {dtype!r}")
+    if name not in STORAGE_DTYPES:
+        raise ValueError(f"state_dtype must be one of torch.{', torch.'.join(STORAGE_DTYPES)} or None, got {dtype!r}")
+    return name
+
+
+def _working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the math runs in for a param of `dtype` with master weights: at least fp32."""
+    return torch.float32 if dtype.itemsize < 4 else dtype
 
 
 def as_real(tensor: torch.Tensor) -> torch.Tensor:

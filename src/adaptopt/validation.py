@@ -54,6 +54,12 @@ def _flag(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
 
 
+def _storage_dtype(name: str, value: Any) -> None:
+    # Groups hold the dtype's name (see base.storage_dtype_name), so checkpoints hold only primitives.
+    if value is not None and value not in ("float32", "bfloat16"):
+        raise ValueError(f"{name} must be 'float32', 'bfloat16' or None, got {value!r}")
+
+
 # One table for the whole family: a hyper-parameter means the same thing in every optimizer that has it.
 HYPERPARAMETER_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "lr": _non_negative,
@@ -73,6 +79,8 @@ HYPERPARAMETER_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "decoupled_weight_decay": _flag,
     "weight_decay_absolute": _flag,
     "weight_decay_l1": _flag,
+    "master_weights": _flag,
+    "state_dtype": _storage_dtype,
 }
 
 
