@@ -247,7 +247,12 @@ def scenario_zero(rank: int, world_size: int, out: Path) -> dict[str, Any]:
         run = dict(rank=rank, world_size=world_size, hessian_optimizer=optimizer.optim)
         train(model, optimizer, case, range(STEPS_BEFORE_CHECKPOINT), **run)
         optimizer.consolidate_state_dict(to=0)
-        checkpoint = [optimizer.state_dict() if rank == 0 else None, _detached(model.module.state_dict())]
+        # state_dict() holds references to the live state (on CPU ZeRO does not even copy rank 0's own
+        # share), so the checkpoint is copied, as torch.save would, before training goes on.
+        checkpoint = [
+            copy.deepcopy(optimizer.state_dict()) if rank == 0 else None,
+            _detached(model.module.state_dict()),
+        ]
         dist.broadcast_object_list(checkpoint, src=0)
         optimizer_state, model_state = checkpoint
         train(model, optimizer, case, range(STEPS_BEFORE_CHECKPOINT, STEPS), **run)
@@ -264,6 +269,7 @@ def scenario_zero(rank: int, world_size: int, out: Path) -> dict[str, Any]:
             "local_params": sharded,
             "state_dict": final_state,
             "checkpoint_state_dict": optimizer_state if rank == 0 else None,
+            "checkpoint_params": model_state,
             "resumed_params": _detached(resumed_model.module.state_dict()),
         }
     return results
