@@ -285,7 +285,9 @@ class GenericAdaptiveOptimizer(Optimizer):
         (they are not rounded through a low-precision parameter dtype) and move to the parameter's device.
         The step counter becomes an `int` whatever it was stored as (torch stores a float32 tensor).
         Hyper-parameters missing from the saved groups (such as ours in a torch checkpoint) keep their
-        current values.
+        current values, and so do the storage options (`KEPT_ON_LOAD`): a run saved with master weights
+        or bf16 state can resume without them and vice versa; a missing master is taken from the param,
+        a saved one that is not wanted is dropped (the param is its rounding).
         """
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
@@ -306,7 +308,7 @@ class GenericAdaptiveOptimizer(Optimizer):
                     f"param group {index} has {len(saved['params'])} params in the state_dict "
                     f"and {len(group['params'])} in this optimizer"
                 )
-            merged = {**group, **{k: deepcopy(v) for k, v in saved.items() if k != "params"}}
+            merged = {**group, **{k: deepcopy(v) for k, v in saved.items() if k not in KEPT_ON_LOAD}}
             merged["params"] = group["params"]
             try:
                 validate_group(merged)
@@ -335,6 +337,8 @@ class GenericAdaptiveOptimizer(Optimizer):
         if MASTER_WEIGHT in template and MASTER_WEIGHT not in saved:
             # A checkpoint taken without master weights: the param is the best master there is.
             saved = {**saved, MASTER_WEIGHT: as_real(param).detach()}
+        elif MASTER_WEIGHT in saved and MASTER_WEIGHT not in template:
+            saved = {key: value for key, value in saved.items() if key != MASTER_WEIGHT}
         if set(saved) != set(template):
             missing = sorted(set(template) - set(saved))
             unexpected = sorted(set(saved) - set(template))
@@ -367,6 +371,9 @@ def _step_to_int(saved_id: Any, value: Any) -> int:
         raise ValueError(f"step of param {saved_id!r} must be a whole number >= 0, got {value!r}")
     return int(number)
 
+
+KEPT_ON_LOAD = ("params", "master_weights", "state_dtype")
+"""Group entries that `load_state_dict` keeps from the optimizer: how state is stored is the run's choice."""
 
 MASTER_WEIGHT = "master_weight"
 """State key of the fp32 master copy of a low-precision param (`master_weights=True`)."""

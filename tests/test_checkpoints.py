@@ -1,0 +1,285 @@
+"""Checkpoints in torch's format: bitwise resume, interop with torch.optim both ways, validated loading.
+
+Every checkpoint goes through `torch.save` and `torch.load(weights_only=True)`, which refuses anything but
+tensors and primitives, so these tests also prove that param groups hold only primitives.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+import adaptopt
+from adaptopt import WeightDecay
+from dropin_support import (
+    NAMES,
+    assert_identical,
+    assert_same_params,
+    make_model,
+    make_optimizer,
+    snapshot,
+    train,
+)
+
+BEFORE, AFTER = 5, 5  # RAdam's rectified branch starts at step 6: the resumed part crosses it.
+
+
+def through_disk(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    buffer.seek(0)
+    loaded: dict[str, Any] = torch.load(buffer, weights_only=True)
+    return loaded
+
+
+# Plain float64; bf16 params with fp32 master weights (the masters travel in the checkpoint); fp32 params
+# with moments stored in bf16.
+VARIANTS: dict[str, tuple[torch.dtype, dict[str, Any]]] = {
+    "float64": (torch.float64, {}),
+    "bf16-master-weights": (torch.bfloat16, {"master_weights": True}),
+    "bf16-state": (torch.float32, {"state_dtype": torch.bfloat16}),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("name", NAMES)
+def test_resume_is_bitwise_identical_to_never_stopping(name: str, variant: str) -> None:
+    dtype, options = VARIANTS[variant]
+    uninterrupted = make_model(dtype)
+    optimizer = make_optimizer(name, uninterrupted.parameters(), **options)
+    train(uninterrupted, optimizer, range(BEFORE))
+    checkpoint = through_disk({"model": uninterrupted.state_dict(), "optimizer": optimizer.state_dict()})
+    train(uninterrupted, optimizer, range(BEFORE, BEFORE + AFTER))
+
+    resumed = make_model(dtype, seed=1)  # different initial values: everything must come from the checkpoint
+    resumed.load_state_dict(checkpoint["model"])
+    fresh = make_optimizer(name, resumed.parameters(), **options)
+    fresh.load_state_dict(checkpoint["optimizer"])
+    train(resumed, fresh, range(BEFORE, BEFORE + AFTER))
+
+    assert_same_params(resumed, uninterrupted)
+    assert_identical(fresh.state_dict(), optimizer.state_dict())
+    if name == "sophia":
+        assert all(bool(s["hessian"].abs().sum() > 0) for s in fresh.state.values()), "the Hessian was never set"
+    if "master_weights" in options:
+        assert all(s["master_weight"].dtype == torch.float32 for s in fresh.state.values())
+
+
+# torch.optim optimizer and the adaptopt optimizer that computes the same thing (DESIGN.md §3).
+Factory = Callable[[Any], torch.optim.Optimizer]
+TORCH_TWINS: dict[str, tuple[Factory, Factory]] = {
+    "Adam": (
+        lambda p: torch.optim.Adam(p, lr=1e-2),
+        lambda p: adaptopt.Adam(p, lr=1e-2, optimized_update=False, eps=1e-8),
+    ),
+    "Adam-L2": (
+        lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=0.1),
+        lambda p: adaptopt.Adam(
+            p, lr=1e-2, optimized_update=False, eps=1e-8, weight_decay=WeightDecay(0.1, weight_decouple=False)
+        ),
+    ),
+    "AdamW": (
+        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+        lambda p: adaptopt.Adam(p, lr=1e-2, optimized_update=False, eps=1e-8, weight_decay=WeightDecay(0.1)),
+    ),
+    "Adam-amsgrad": (
+        lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True),
+        lambda p: adaptopt.AMSGrad(p, lr=1e-2, optimized_update=False, eps=1e-8),
+    ),
+    "RAdam": (
+        lambda p: torch.optim.RAdam(p, lr=1e-2),
+        lambda p: adaptopt.RAdam(p, lr=1e-2),
+    ),
+}
+
+
+def assert_continues_alike(actual: torch.nn.Module, expected: torch.nn.Module, twin: str) -> None:
+    if twin != "RAdam":
+        assert_same_params(actual, expected)
+        return
+    # torch.optim.RAdam computes r_t in another order of operations: a few ulp per step (test_numerics).
+    for a, e in zip(actual.parameters(), expected.parameters(), strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("twin", sorted(TORCH_TWINS))
+def test_torch_checkpoint_loads_into_ours_and_training_continues_identically(twin: str) -> None:
+    make_theirs, make_ours = TORCH_TWINS[twin]
+    theirs_model = make_model()
+    theirs = make_theirs(theirs_model.parameters())
+    train(theirs_model, theirs, range(BEFORE))
+    checkpoint = through_disk({"model": theirs_model.state_dict(), "optimizer": theirs.state_dict()})
+    assert isinstance(checkpoint["optimizer"]["state"][0]["step"], torch.Tensor)  # torch's float32 step
+    train(theirs_model, theirs, range(BEFORE, BEFORE + AFTER))
+
+    ours_model = make_model(seed=1)
+    ours_model.load_state_dict(checkpoint["model"])
+    ours = make_ours(ours_model.parameters())
+    ours.load_state_dict(checkpoint["optimizer"])
+    # The step becomes an int again, so the bias corrections stay in float64 arithmetic.
+    assert all(type(state["step"]) is int and state["step"] == BEFORE for state in ours.state.values())
+    train(ours_model, ours, range(BEFORE, BEFORE + AFTER))
+    assert_continues_alike(ours_model, theirs_model, twin)
+
+
+@pytest.mark.parametrize("twin", sorted(TORCH_TWINS))
+def test_our_checkpoint_loads_into_torch_and_training_continues_identically(twin: str) -> None:
+    make_theirs, make_ours = TORCH_TWINS[twin]
+    ours_model = make_model()
+    ours = make_ours(ours_model.parameters())
+    train(ours_model, ours, range(BEFORE))
+    checkpoint = through_disk({"model": ours_model.state_dict(), "optimizer": ours.state_dict()})
+    train(ours_model, ours, range(BEFORE, BEFORE + AFTER))
+
+    theirs_model = make_model(seed=1)
+    theirs_model.load_state_dict(checkpoint["model"])
+    theirs = make_theirs(theirs_model.parameters())
+    theirs.load_state_dict(checkpoint["optimizer"])
+    train(theirs_model, theirs, range(BEFORE, BEFORE + AFTER))
+    assert_continues_alike(theirs_model, ours_model, twin)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rejection: a clear ValueError, and the optimizer exactly as it was
+
+
+def another_optimizer(name: str) -> str:
+    """An optimizer whose state has other keys than `name`'s."""
+    return "adam" if name == "sophia" else "sophia"
+
+
+def corrupt(name: str, case: str) -> tuple[Callable[[], torch.optim.Optimizer], dict[str, Any], str]:
+    """A trained optimizer, a checkpoint that must not load into it, and what the error must say."""
+    model = make_model()
+    optimizer = make_optimizer(name, model.parameters())
+    train(model, optimizer, range(3))
+    checkpoint = copy.deepcopy(optimizer.state_dict())
+    first_state = checkpoint["state"][0]
+    params = list(model.parameters())
+    target: Callable[[], torch.optim.Optimizer] = lambda: optimizer  # noqa: E731
+    if case == "other-optimizer":
+        other_model = make_model()
+        other = make_optimizer(another_optimizer(name), other_model.parameters())
+        train(other_model, other, range(2))
+        return target, copy.deepcopy(other.state_dict()), "does not fit"
+    if case == "group-count":
+        # The same trained state, in an optimizer over two groups.
+        split = make_optimizer(name, [{"params": params[:2]}, {"params": params[2:]}])
+        split.state.update(copy.deepcopy(optimizer.state))
+        return lambda: split, checkpoint, "1 param groups, this optimizer has 2"
+    if case == "param-count":
+        checkpoint["param_groups"][0]["params"] = checkpoint["param_groups"][0]["params"][:-1]
+        return target, checkpoint, "params"
+    if case == "shape":
+        first_state["exp_avg"] = torch.zeros(3, dtype=torch.float64)
+        return target, checkpoint, "shape"
+    if case == "missing-key":
+        del first_state["exp_avg"]
+        return target, checkpoint, "missing keys \\['exp_avg'\\]"
+    if case == "bad-step":
+        first_state["step"] = 2.5
+        return target, checkpoint, "step"
+    if case == "bad-hyper-parameter":
+        checkpoint["param_groups"][0]["betas"] = (1.5, 0.999)
+        return target, checkpoint, "betas"
+    if case == "not-a-state-dict":
+        del checkpoint["state"]
+        return target, checkpoint, "'state' and 'param_groups'"
+    raise AssertionError(case)
+
+
+REJECTIONS = [
+    "other-optimizer",
+    "group-count",
+    "param-count",
+    "shape",
+    "missing-key",
+    "bad-step",
+    "bad-hyper-parameter",
+    "not-a-state-dict",
+]
+
+
+@pytest.mark.parametrize("case", REJECTIONS)
+@pytest.mark.parametrize("name", NAMES)
+def test_a_checkpoint_that_does_not_fit_is_rejected_and_changes_nothing(name: str, case: str) -> None:
+    target, checkpoint, message = corrupt(name, case)
+    optimizer = target()
+    before = snapshot(optimizer)
+    with pytest.raises(ValueError, match=message):
+        optimizer.load_state_dict(checkpoint)
+    assert_identical(snapshot(optimizer), before)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dtypes and devices
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_loading_keeps_fp32_state_of_low_precision_params(name: str) -> None:
+    # torch.optim.Optimizer.load_state_dict casts state to the param's dtype; with master weights the
+    # state and the masters of bf16 params are fp32 and must arrive bit for bit.
+    model = make_model(torch.bfloat16)
+    optimizer = make_optimizer(name, model.parameters(), master_weights=True)
+    train(model, optimizer, range(3))
+    checkpoint = through_disk(optimizer.state_dict())
+    assert all(v.dtype == torch.float32 for s in checkpoint["state"].values() for v in s.values() if torch.is_tensor(v))
+
+    fresh = make_optimizer(name, make_model(torch.bfloat16).parameters(), master_weights=True)
+    fresh.load_state_dict(checkpoint)
+    assert_identical(fresh.state_dict()["state"], checkpoint["state"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_checkpoint_without_masters_gets_masters_from_the_params(name: str) -> None:
+    model = make_model(torch.bfloat16)
+    optimizer = make_optimizer(name, model.parameters())
+    train(model, optimizer, range(3))
+    fresh = make_optimizer(name, model.parameters(), master_weights=True)
+    fresh.load_state_dict(through_disk(optimizer.state_dict()))
+    for param in model.parameters():
+        state, saved = fresh.state[param], optimizer.state[param]
+        assert_identical(state["master_weight"], param.detach().float())
+        for key in saved:
+            if key != "step":  # bf16 state widened to fp32: exact
+                assert_identical(state[key], saved[key].float(), key)
+
+
+DEVICES = ["meta"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", NAMES)
+def test_a_checkpoint_loads_onto_another_device(name: str, device: str) -> None:
+    model = make_model()
+    optimizer = make_optimizer(name, model.parameters())
+    train(model, optimizer, range(3))
+    checkpoint = through_disk(optimizer.state_dict())
+
+    elsewhere = make_model().to(device)
+    moved = make_optimizer(name, elsewhere.parameters())
+    moved.load_state_dict(checkpoint)
+    for param, saved in zip(elsewhere.parameters(), checkpoint["state"].values(), strict=True):
+        state = moved.state[param]
+        assert state.keys() == saved.keys()
+        for key, value in saved.items():
+            if torch.is_tensor(value):
+                assert state[key].device == param.device and state[key].shape == value.shape, key
+                if device != "meta":
+                    assert_identical(state[key].cpu(), value, key)
+
+
+def test_a_complex_param_loads_torch_complex_state() -> None:
+    # torch.optim keeps a complex param's state complex; ours is its view_as_real twin.
+    param = torch.randn(4, dtype=torch.complex128, requires_grad=True)
+    theirs = torch.optim.Adam([param], lr=1e-2)
+    param.grad = torch.randn_like(param)
+    theirs.step()
+    ours = adaptopt.Adam([param], lr=1e-2, optimized_update=False, eps=1e-8)
+    ours.load_state_dict(through_disk(theirs.state_dict()))
+    assert_identical(ours.state[param]["exp_avg"], torch.view_as_real(theirs.state[param]["exp_avg"]))
