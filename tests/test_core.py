@@ -1,0 +1,392 @@
+"""Core behaviour of every adaptopt optimizer: validation, closures, params without grads, sparse grads,
+param groups and per-group weight decay."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from copy import deepcopy
+from typing import Any
+
+import pytest
+import torch
+
+from adaptopt import (
+    AdaBelief,
+    Adam,
+    AdamWarmup,
+    AdamWarmupCosineDecay,
+    AMSGrad,
+    Noam,
+    RAdam,
+    Sophia,
+    WeightDecay,
+)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+OPTIMIZERS = [Adam, AMSGrad, AdamWarmup, AdamWarmupCosineDecay, Noam, RAdam, AdaBelief, Sophia]
+by_name = pytest.mark.parametrize("optimizer_class", OPTIMIZERS, ids=lambda c: c.__name__)
+
+
+def takes(optimizer_class: type, name: str) -> bool:
+    return name in inspect.signature(optimizer_class).parameters
+
+
+def with_argument(name: str) -> list[Any]:
+    """The optimizer classes that take the hyper-parameter `name`, as pytest params."""
+    return [pytest.param(c, id=c.__name__) for c in OPTIMIZERS if takes(c, name)]
+
+
+def new_param(*shape: int) -> torch.Tensor:
+    return torch.linspace(-1.0, 1.0, max(1, torch.Size(shape).numel()), dtype=torch.float64).reshape(shape).clone()
+
+
+# --------------------------------------------------------------------------------------------------
+# Out-of-range hyper-parameters: ValueError naming the argument and its range
+
+INVALID: list[tuple[str, Any, str]] = [
+    # (argument, bad value, what the message must say)
+    ("lr", -1e-3, r"lr must be in \[0, inf\), got -0.001"),
+    ("lr", float("nan"), r"lr must not be NaN"),
+    ("eps", -1e-8, r"eps must be in \[0, inf\)"),
+    ("betas", (1.0, 0.999), r"betas\[0\] must be in \[0, 1\), got 1.0"),
+    ("betas", (-0.1, 0.999), r"betas\[0\] must be in \[0, 1\)"),
+    ("betas", (0.9, 1.0), r"betas\[1\] must be in \[0, 1\)"),
+    ("betas", (0.9, 1.5), r"betas\[1\] must be in \[0, 1\)"),
+    ("betas", (0.9,), r"betas must be a pair .*1 values"),
+    ("betas", (0.9, 0.99, 0.999), r"betas must be a pair .*3 values"),
+    ("rho", 0.0, r"rho must be in \(0, inf\), got 0.0"),
+    ("rho", -0.04, r"rho must be in \(0, inf\)"),
+    ("warmup", -1, r"warmup must be in \[0, inf\), got -1"),
+    ("d_model", 0, r"d_model must be in \(0, inf\)"),
+    ("d_model", -512, r"d_model must be in \(0, inf\)"),
+    ("weight_decay", -0.1, r"weight_decay must be in \[0, inf\), got -0.1"),
+]
+INVALID_CASES = [
+    pytest.param(c, name, value, message, id=f"{c.__name__}-{name}={value}")
+    for name, value, message in INVALID
+    for c in OPTIMIZERS
+    if takes(c, name)
+]
+
+
+@pytest.mark.parametrize(("optimizer_class", "name", "value", "message"), INVALID_CASES)
+def test_invalid_hyperparameter_in_constructor(optimizer_class: type, name: str, value: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        optimizer_class([new_param(3)], **{name: value})
+
+
+@pytest.mark.parametrize(("optimizer_class", "name", "value", "message"), INVALID_CASES)
+def test_invalid_hyperparameter_in_group_dict(optimizer_class: type, name: str, value: Any, message: str) -> None:
+    good = new_param(3)
+    with pytest.raises(ValueError, match=message):
+        optimizer_class([{"params": [good]}, {"params": [new_param(2)], name: value}])
+
+
+@pytest.mark.parametrize(("optimizer_class", "name", "value", "message"), INVALID_CASES)
+def test_rejected_add_param_group_changes_nothing(optimizer_class: type, name: str, value: Any, message: str) -> None:
+    first, second = new_param(3), new_param(2)
+    optimizer = optimizer_class([first])
+    before = deepcopy(optimizer.param_groups)
+    with pytest.raises(ValueError, match=message):
+        optimizer.add_param_group({"params": [second], name: value})
+    assert len(optimizer.param_groups) == 1
+    assert optimizer.param_groups[0]["params"][0] is first
+    assert {k: v for k, v in optimizer.param_groups[0].items() if k != "params"} == {
+        k: v for k, v in before[0].items() if k != "params"
+    }
+    # The rejected param is free to join a later, valid group.
+    optimizer.add_param_group({"params": [second]})
+    assert len(optimizer.param_groups) == 2
+
+
+def test_total_steps_must_exceed_warmup() -> None:
+    message = r"total_steps must be greater than warmup \(10\), got 10"
+    with pytest.raises(ValueError, match=message):
+        AdamWarmupCosineDecay([new_param(3)], warmup=10, total_steps=10)
+    with pytest.raises(ValueError, match=r"total_steps must be greater than warmup \(20\)"):
+        AdamWarmupCosineDecay([new_param(3)], warmup=20, total_steps=10)
+    with pytest.raises(ValueError, match=r"total_steps must be greater than warmup \(50\), got 40"):
+        AdamWarmupCosineDecay([{"params": [new_param(3)], "warmup": 50}], warmup=5, total_steps=40)
+    optimizer = AdamWarmupCosineDecay([new_param(3)], warmup=5, total_steps=40)
+    with pytest.raises(ValueError, match=r"total_steps must be greater than warmup \(5\), got 4"):
+        optimizer.add_param_group({"params": [new_param(2)], "total_steps": 4})
+    assert len(optimizer.param_groups) == 1
+    with pytest.raises(ValueError, match=r"total_steps must be in \(0, inf\)"):
+        AdamWarmupCosineDecay([new_param(3)], warmup=0, total_steps=0)
+
+
+def test_invalid_weight_decay_policies() -> None:
+    with pytest.raises(ValueError, match=r"weight_decay must be in \[0, inf\), got -0.5"):
+        WeightDecay(-0.5)
+    with pytest.raises(ValueError, match=r"WeightDecay\(absolute=True\) requires weight_decouple=True"):
+        WeightDecay(0.1, weight_decouple=False, absolute=True)
+    # The same combination spelt as group keys.
+    with pytest.raises(ValueError, match=r"weight_decay_absolute=True requires decoupled weight decay"):
+        Adam([{"params": [new_param(3)], "weight_decay_absolute": True, "decoupled_weight_decay": False}])
+
+
+def test_sophia_update_hessian_rejects_a_non_positive_batch() -> None:
+    param = new_param(3)
+    optimizer = Sophia([param])
+    param.grad = torch.ones_like(param)
+    for bad in (0, -16):
+        with pytest.raises(ValueError, match=r"n_tokens_training_batch must be in \(0, inf\)"):
+            optimizer.update_hessian(bad)
+    assert param not in optimizer.state
+
+
+# --------------------------------------------------------------------------------------------------
+# Wrong types: TypeError
+
+WRONG_TYPES: list[tuple[str, Any, str]] = [
+    ("lr", "0.001", r"lr must be a real number, got str"),
+    ("lr", None, r"lr must be a real number"),
+    ("lr", True, r"lr must be a real number, got bool"),
+    ("eps", "1e-8", r"eps must be a real number"),
+    ("betas", "ab", r"betas must be a pair"),
+    ("betas", (0.9, "0.999"), r"betas\[1\] must be a real number"),
+    ("weight_decay", "0.1", r"weight_decay must be a WeightDecay policy or a float, got str"),
+    ("weight_decay", None, r"weight_decay must be a WeightDecay policy or a float"),
+    ("weight_decay", True, r"weight_decay must be a WeightDecay policy or a float, got bool"),
+    ("weight_decay", {"weight_decay": 0.1}, r"weight_decay must be a WeightDecay policy or a float, got dict"),
+    ("warmup", 2.5, r"warmup must be an int, got float"),
+    ("rho", "0.04", r"rho must be a real number"),
+    ("optimized_update", 1, r"optimized_update must be a bool, got int"),
+    ("amsgrad", "yes", r"amsgrad must be a bool"),
+    ("rectify", 0, r"rectify must be a bool"),
+    ("degenerate_to_sgd", None, r"degenerate_to_sgd must be a bool"),
+    ("maximize", 1, r"maximize must be a bool"),
+]
+WRONG_TYPE_CASES = [
+    pytest.param(c, name, value, message, id=f"{c.__name__}-{name}={value!r}")
+    for name, value, message in WRONG_TYPES
+    for c in OPTIMIZERS
+    if takes(c, name) or name == "maximize"
+]
+
+
+@pytest.mark.parametrize(("optimizer_class", "name", "value", "message"), WRONG_TYPE_CASES)
+def test_wrong_type_in_constructor(optimizer_class: type, name: str, value: Any, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        optimizer_class([new_param(3)], **{name: value})
+
+
+GROUP_WRONG_TYPES = [case for case in WRONG_TYPE_CASES if case.values[1] != "weight_decay"]
+
+
+@pytest.mark.parametrize(("optimizer_class", "name", "value", "message"), GROUP_WRONG_TYPES)
+def test_wrong_type_in_group_and_add_param_group(optimizer_class: type, name: str, value: Any, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        optimizer_class([{"params": [new_param(3)], name: value}])
+    optimizer = optimizer_class([new_param(3)])
+    with pytest.raises(TypeError, match=message):
+        optimizer.add_param_group({"params": [new_param(2)], name: value})
+    assert len(optimizer.param_groups) == 1
+
+
+@pytest.mark.parametrize("value", ["0.1", None, [0.1]])
+def test_group_weight_decay_of_wrong_type(value: Any) -> None:
+    with pytest.raises(TypeError, match=r"weight_decay must be a real number"):
+        Adam([{"params": [new_param(3)], "weight_decay": value}])
+
+
+@pytest.mark.parametrize("flag", ["weight_decouple", "absolute", "l1"])
+def test_weight_decay_flags_must_be_bools(flag: str) -> None:
+    with pytest.raises(TypeError, match=rf"WeightDecay.{flag} must be a bool"):
+        WeightDecay(0.1, **{flag: 1})
+
+
+def test_add_param_group_needs_a_dict() -> None:
+    optimizer = Adam([new_param(3)])
+    with pytest.raises(TypeError, match=r"param_group must be a dict, got list"):
+        optimizer.add_param_group([new_param(2)])  # type: ignore[arg-type]
+    assert len(optimizer.param_groups) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Closure, params without grads, sparse grads
+
+
+@by_name
+def test_closure_is_evaluated_with_grad_enabled_and_its_loss_returned(optimizer_class: type) -> None:
+    param = new_param(4).requires_grad_()
+    optimizer = optimizer_class([param], lr=0.01)
+    calls: list[bool] = []
+
+    def closure() -> torch.Tensor:
+        calls.append(torch.is_grad_enabled())
+        optimizer.zero_grad()
+        loss = (param**2).sum()
+        loss.backward()
+        return loss
+
+    before = param.detach().clone()
+    with torch.no_grad():  # step must turn grad back on for the closure even here
+        returned = optimizer.step(closure)
+    assert calls == [True]
+    assert isinstance(returned, torch.Tensor)
+    assert returned.item() == pytest.approx(float((before**2).sum()), rel=1e-15)
+    # The step used the closure's grads: every coordinate moved towards 0.
+    assert torch.all(param.detach().abs() < before.abs())
+    assert optimizer.step() is None
+
+
+@by_name
+def test_params_without_grads_are_untouched_and_get_no_state(optimizer_class: type) -> None:
+    with_grad, without_grad, other_group = new_param(3), new_param(2, 2), new_param(5)
+    optimizer = optimizer_class([{"params": [with_grad, without_grad]}, {"params": [other_group]}], lr=0.01)
+    originals = [without_grad.clone(), other_group.clone()]
+    for _ in range(3):
+        with_grad.grad = torch.ones_like(with_grad)
+        optimizer.step()
+    if isinstance(optimizer, Sophia):
+        optimizer.update_hessian(8)
+    assert torch.equal(without_grad, originals[0]) and torch.equal(other_group, originals[1])
+    assert without_grad not in optimizer.state and other_group not in optimizer.state
+    assert optimizer.state[with_grad]["step"] == 3
+    assert not torch.equal(with_grad, new_param(3))
+
+
+@by_name
+def test_sparse_grads_are_rejected(optimizer_class: type) -> None:
+    param = new_param(4)
+    optimizer = optimizer_class([param])
+    param.grad = torch.sparse_coo_tensor(
+        torch.tensor([[0, 2]]), torch.tensor([1.0, 2.0], dtype=torch.float64), (4,), check_invariants=True
+    )
+    with pytest.raises(RuntimeError, match=rf"{optimizer_class.__name__} does not support sparse gradients"):
+        optimizer.step()
+    assert torch.equal(param, new_param(4))
+    if isinstance(optimizer, Sophia):
+        with pytest.raises(RuntimeError, match="sparse"):
+            optimizer.update_hessian(8)
+
+
+# --------------------------------------------------------------------------------------------------
+# Param groups
+
+
+def group_overrides(optimizer_class: type) -> dict[str, Any]:
+    """Hyper-parameters that differ from the defaults, for every argument `optimizer_class` takes."""
+    candidates: dict[str, Any] = {
+        "lr": 0.003,
+        "betas": (0.5, 0.75),
+        "eps": 1e-3,
+        "rho": 0.5,
+        "warmup": 3,
+        "d_model": 8,
+        "total_steps": 7,
+        "optimized_update": False,
+        "amsgrad": True,
+        "rectify": False,
+        "degenerate_to_sgd": False,
+    }
+    return {name: value for name, value in candidates.items() if takes(optimizer_class, name)}
+
+
+@by_name
+def test_group_hyperparameters_act_as_if_each_group_had_its_own_optimizer(optimizer_class: type) -> None:
+    overrides = group_overrides(optimizer_class)
+    shared = [new_param(3), new_param(2, 2)]
+    alone = [p.clone() for p in shared]
+    together = optimizer_class([{"params": [shared[0]]}, {"params": [shared[1]], **overrides}], lr=0.01)
+    separate = [optimizer_class([alone[0]], lr=0.01), optimizer_class([alone[1]], **overrides)]
+    assert {k: together.param_groups[1][k] for k in overrides} == overrides
+    assert together.param_groups[0]["lr"] == 0.01
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        grads = [torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in shared]
+        for param, twin, grad in zip(shared, alone, grads, strict=True):
+            param.grad, twin.grad = grad, grad.clone()
+        together.step()
+        for optimizer in separate:
+            optimizer.step()
+    for param, twin in zip(shared, alone, strict=True):
+        assert torch.equal(param, twin)
+    # And the overrides made a difference, or the comparison above proves nothing.
+    default_run = new_param(2, 2)
+    reference = optimizer_class([default_run], lr=0.01)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        torch.randn(3, generator=generator, dtype=torch.float64)
+        default_run.grad = torch.randn((2, 2), generator=generator, dtype=torch.float64)
+        reference.step()
+    assert not torch.equal(default_run, shared[1])
+
+
+def zero_grad_steps(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], steps: int) -> None:
+    """With a zero gradient the adaptive step is exactly 0, so only weight decay moves the params."""
+    for _ in range(steps):
+        for param in params:
+            param.grad = torch.zeros_like(param)
+        optimizer.step()
+
+
+@by_name
+def test_weight_decay_off_for_one_group(optimizer_class: type) -> None:
+    decayed, not_decayed = new_param(4), new_param(3)
+    start = [decayed.clone(), not_decayed.clone()]
+    optimizer = optimizer_class(
+        [{"params": [decayed]}, {"params": [not_decayed], "weight_decay": 0.0}],
+        lr=0.01,
+        weight_decay=WeightDecay(0.5),
+    )
+    assert optimizer.param_groups[1]["weight_decay"] == 0.0
+    assert optimizer.param_groups[1]["decoupled_weight_decay"] is True
+    zero_grad_steps(optimizer, [decayed, not_decayed], 5)
+    # Schedules scale the decay through the effective lr; these optimizers' defaults leave lr unscaled,
+    # except Noam, whose rate is lr * d_model^-0.5 * t^-0.5 even without warm-up.
+    expected = start[0].clone()
+    for t in range(1, 6):
+        lr_t = 0.01 * (512**-0.5 * t**-0.5 if optimizer_class is Noam else 1.0)
+        expected *= 1.0 - lr_t * 0.5
+    torch.testing.assert_close(decayed, expected, rtol=1e-14, atol=0)
+    assert torch.equal(not_decayed, start[1])
+
+
+def test_weight_decay_policy_given_per_group() -> None:
+    params = [new_param(4) for _ in range(5)]
+    start = [p.clone() for p in params]
+    lr, steps = 0.01, 5
+    optimizer = Adam(
+        [
+            {"params": [params[0]]},  # the constructor's policy: decoupled 0.1
+            {"params": [params[1]], "weight_decay": WeightDecay(0.2, absolute=True)},
+            {"params": [params[2]], "weight_decay": WeightDecay(0.3, l1=True)},
+            {"params": [params[3]], "weight_decay": WeightDecay()},
+        ],
+        lr=lr,
+        weight_decay=WeightDecay(0.1),
+    )
+    # A policy added later, coupled: with a zero gradient, the decay is the whole gradient.
+    optimizer.add_param_group({"params": [params[4]], "weight_decay": WeightDecay(0.4, weight_decouple=False)})
+    keys = ("weight_decay", "decoupled_weight_decay", "weight_decay_absolute", "weight_decay_l1")
+    assert [tuple(group[k] for k in keys) for group in optimizer.param_groups] == [
+        (0.1, True, False, False),
+        (0.2, True, True, False),
+        (0.3, True, False, True),
+        (0.0, True, False, False),
+        (0.4, False, False, False),
+    ]
+    zero_grad_steps(optimizer, params, steps)
+    torch.testing.assert_close(params[0], start[0] * (1 - lr * 0.1) ** steps, rtol=1e-14, atol=0)
+    torch.testing.assert_close(params[1], start[1] * (1 - 0.2) ** steps, rtol=1e-14, atol=0)
+    # L1: a constant pull of lr * 0.3 per step towards 0 (no element crosses 0 in 5 steps).
+    l1_expected = start[2] - steps * lr * 0.3 * start[2].sign()
+    torch.testing.assert_close(params[2], l1_expected, rtol=1e-13, atol=1e-16)
+    assert torch.equal(params[3], start[3])
+    # Coupled L2 feeds 0.4 * p to Adam as the gradient: the params move against sign(p), by about lr a step.
+    moved = params[4] - start[4]
+    nonzero = start[4] != 0
+    assert torch.all(moved[nonzero] * start[4][nonzero] < 0)
+    assert torch.all(moved[~nonzero] == 0)
+    torch.testing.assert_close(moved[nonzero].abs(), torch.full_like(moved[nonzero], steps * lr), rtol=0.05, atol=0)
+
+
+def test_float_weight_decay_means_decoupled() -> None:
+    optimizer = Adam([new_param(3)], weight_decay=0.1)
+    group = optimizer.param_groups[0]
+    assert (group["weight_decay"], group["decoupled_weight_decay"]) == (0.1, True)
+    assert re.search("decoupled", WeightDecay.coerce.__doc__ or "")
