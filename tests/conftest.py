@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from reference import Reference, Sophia
 
 STEPS = 60
-BATCH = 16
+BATCH = 12
 FEATURES, HIDDEN, CLASSES = 5, 7, 3
 
 
@@ -114,7 +114,8 @@ class TorchRun(Run):
     """A `torch.optim.Optimizer` (ours or anyone's), optionally with an LR scheduler or Sophia's Hessian loop.
 
     `hessian_every=k` estimates the Hessian after every k-th step, as Sophia's training loop does;
-    `update_hessian(optimizer, grads_set)` is called with the sampled grads already in `p.grad`.
+    `update_hessian(optimizer)` is called with the sampled grads already in `p.grad`; `after_step(optimizer)`
+    after every step, to look at the state.
     """
 
     def __init__(
@@ -126,6 +127,7 @@ class TorchRun(Run):
         step_kwargs: dict[str, Any] | None = None,
         hessian_every: int = 0,
         update_hessian: Callable[[torch.optim.Optimizer], None] | None = None,
+        after_step: Callable[[torch.optim.Optimizer], None] | None = None,
     ) -> None:
         self.problem = problem
         self.params = [p.requires_grad_() for p in problem.initial()]
@@ -134,6 +136,7 @@ class TorchRun(Run):
         self.step_kwargs = step_kwargs or {}
         self.hessian_every = hessian_every
         self.update_hessian = update_hessian
+        self.after_step = after_step
 
     def _set_grads(self, loss: torch.Tensor) -> None:
         for param, grad in zip(self.params, gradients(loss, self.params), strict=True):
@@ -142,6 +145,8 @@ class TorchRun(Run):
     def advance(self, step: int) -> None:
         self._set_grads(self.problem.loss(self.params, step))
         self.optimizer.step(**self.step_kwargs)
+        if self.after_step is not None:
+            self.after_step(self.optimizer)
         if self.scheduler is not None:
             self.scheduler.step()
         if self.hessian_every and step % self.hessian_every == self.hessian_every - 1:

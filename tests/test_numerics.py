@@ -40,7 +40,7 @@ from adaptopt import (
     WeightDecay,
     schedules,
 )
-from conftest import PROBLEMS, STEPS, Problem, ReferenceRun, TorchRun, relative_deviation
+from conftest import BATCH, PROBLEMS, STEPS, Problem, ReferenceRun, TorchRun, relative_deviation
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -190,7 +190,7 @@ def test_matches_official_adabelief(problem: Problem, compare_runs: Any, case: s
 # sophia_opt (the official Sophia-G)
 
 HESSIAN_EVERY = 5
-SOPHIA_BATCH = 16
+SOPHIA_BATCH = BATCH  # B: the examples in the batch the Hessian estimate was computed on
 
 
 @pytest.mark.parametrize("decay", [0.0, 0.1])
@@ -204,12 +204,21 @@ def test_matches_official_sophia(problem: Problem, compare_runs: Any, decay: flo
     def update_theirs(optimizer: Any) -> None:
         optimizer.update_hessian()
 
+    clipped = {True: 0, False: 0}
+
+    def count_clipped(optimizer: Any) -> None:
+        for state in optimizer.state.values():
+            ratio = state["exp_avg"].abs() / (rho * (state["hessian"] + 1e-15 / rho))
+            clipped[True] += int((ratio >= 1).sum())
+            clipped[False] += int((ratio < 1).sum())
+
     ours = TorchRun(
         problem,
         # Their denominator is rho * B * h + 1e-15, ours rho * (B h + eps): eps = 1e-15 / rho makes them one.
         lambda p: Sophia(p, lr=LR, betas=betas, rho=rho, eps=1e-15 / rho, weight_decay=WeightDecay(decay)),
         hessian_every=HESSIAN_EVERY,
         update_hessian=update_ours,
+        after_step=count_clipped,
     )
     theirs = TorchRun(
         problem,
@@ -219,6 +228,8 @@ def test_matches_official_sophia(problem: Problem, compare_runs: Any, decay: flo
         update_hessian=update_theirs,
     )
     compare_runs(ours, theirs, reference="sophia_opt")
+    # Both branches of the clip, min(|m| / (rho (h + eps)), 1), were taken and compared.
+    assert clipped[True] > 0 and clipped[False] > 0, clipped
 
 
 # --------------------------------------------------------------------------------------------------
