@@ -21,7 +21,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import adaptopt
 from reference import Reference, Sophia
+
+OPTIMIZER_CLASSES = [
+    adaptopt.Adam,
+    adaptopt.AMSGrad,
+    adaptopt.AdamWarmup,
+    adaptopt.AdamWarmupCosineDecay,
+    adaptopt.Noam,
+    adaptopt.RAdam,
+    adaptopt.AdaBelief,
+    adaptopt.Sophia,
+]
+"""Every optimizer class of ours (the registry's names without torch's `sgd`)."""
 
 STEPS = 60
 BATCH = 12

@@ -11,31 +11,17 @@ from typing import Any
 import pytest
 import torch
 
-from adaptopt import (
-    AdaBelief,
-    Adam,
-    AdamWarmup,
-    AdamWarmupCosineDecay,
-    AMSGrad,
-    Noam,
-    RAdam,
-    Sophia,
-    WeightDecay,
-)
+from adaptopt import Adam, AdamWarmupCosineDecay, Noam, Sophia, WeightDecay
+from conftest import OPTIMIZER_CLASSES
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-OPTIMIZERS = [Adam, AMSGrad, AdamWarmup, AdamWarmupCosineDecay, Noam, RAdam, AdaBelief, Sophia]
+OPTIMIZERS = OPTIMIZER_CLASSES
 by_name = pytest.mark.parametrize("optimizer_class", OPTIMIZERS, ids=lambda c: c.__name__)
 
 
 def takes(optimizer_class: type, name: str) -> bool:
     return name in inspect.signature(optimizer_class).parameters
-
-
-def with_argument(name: str) -> list[Any]:
-    """The optimizer classes that take the hyper-parameter `name`, as pytest params."""
-    return [pytest.param(c, id=c.__name__) for c in OPTIMIZERS if takes(c, name)]
 
 
 def new_param(*shape: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch
 
 import adaptopt
 from adaptopt import create, describe
+from conftest import OPTIMIZER_CLASSES
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -25,6 +26,8 @@ EXPECTED = {
 
 def test_available_lists_the_family_in_order() -> None:
     assert adaptopt.available() == list(EXPECTED)
+    # The other test files parametrize over OPTIMIZER_CLASSES: it must be the whole family.
+    assert [c for name, c in EXPECTED.items() if name != "sgd"] == OPTIMIZER_CLASSES
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
