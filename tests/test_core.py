@@ -222,7 +222,10 @@ def test_closure_is_evaluated_with_grad_enabled_and_its_loss_returned(optimizer_
 @by_name
 def test_params_without_grads_are_untouched_and_get_no_state(optimizer_class: type) -> None:
     with_grad, without_grad, other_group = new_param(3), new_param(2, 2), new_param(5)
-    optimizer = optimizer_class([{"params": [with_grad, without_grad]}, {"params": [other_group]}], lr=0.01)
+    # With weight decay on: decay must not touch a param that has no grad either (torch.optim's rule).
+    optimizer = optimizer_class(
+        [{"params": [with_grad, without_grad]}, {"params": [other_group]}], lr=0.01, weight_decay=WeightDecay(0.1)
+    )
     originals = [without_grad.clone(), other_group.clone()]
     for _ in range(3):
         with_grad.grad = torch.ones_like(with_grad)

@@ -93,6 +93,17 @@ TORCH_CASES: dict[str, tuple[Factory, Factory]] = {
         lambda p: Adam(p, lr=LR, optimized_update=False, eps=1e-8, maximize=True),
         lambda p: torch.optim.Adam(p, lr=LR, eps=1e-8, maximize=True, foreach=False),
     ),
+    "adam-l2-maximize": (
+        lambda p: Adam(
+            p,
+            lr=LR,
+            optimized_update=False,
+            eps=1e-8,
+            maximize=True,
+            weight_decay=WeightDecay(DECAY, weight_decouple=False),
+        ),
+        lambda p: torch.optim.Adam(p, lr=LR, eps=1e-8, maximize=True, weight_decay=DECAY, foreach=False),
+    ),
     "adamw-two-groups": (
         lambda p: Adam(
             two_groups(p, lr=3e-3, weight_decay=0.0), lr=LR, optimized_update=False, eps=1e-8, weight_decay=DECAY
@@ -116,6 +127,10 @@ TORCH_CASES: dict[str, tuple[Factory, Factory]] = {
     "radam-float-decay-is-decoupled": (
         lambda p: RAdam(p, lr=LR, weight_decay=DECAY),
         lambda p: torch.optim.RAdam(p, lr=LR, weight_decay=DECAY, decoupled_weight_decay=True, foreach=False),
+    ),
+    "radam-two-groups-maximize": (
+        lambda p: RAdam(two_groups(p, betas=(0.8, 0.99), eps=1e-3), lr=LR, maximize=True),
+        lambda p: torch.optim.RAdam(two_groups(p, betas=(0.8, 0.99), eps=1e-3), lr=LR, maximize=True, foreach=False),
     ),
     "radam-coupled": (
         lambda p: RAdam(p, lr=LR, weight_decay=WeightDecay(DECAY, weight_decouple=False)),
@@ -193,9 +208,10 @@ HESSIAN_EVERY = 5
 SOPHIA_BATCH = BATCH  # B: the examples in the batch the Hessian estimate was computed on
 
 
-@pytest.mark.parametrize("decay", [0.0, 0.1])
-@pytest.mark.parametrize("rho", [0.04, 1.0])
-def test_matches_official_sophia(problem: Problem, compare_runs: Any, decay: float, rho: float) -> None:
+@pytest.mark.parametrize(
+    ("decay", "rho", "maximize"), [(0.0, 0.04, False), (0.1, 0.04, False), (0.0, 1.0, False), (0.1, 1.0, True)]
+)
+def test_matches_official_sophia(problem: Problem, compare_runs: Any, decay: float, rho: float, maximize: bool) -> None:
     betas = (0.965, 0.99)
 
     def update_ours(optimizer: Any) -> None:
@@ -215,14 +231,16 @@ def test_matches_official_sophia(problem: Problem, compare_runs: Any, decay: flo
     ours = TorchRun(
         problem,
         # Their denominator is rho * B * h + 1e-15, ours rho * (B h + eps): eps = 1e-15 / rho makes them one.
-        lambda p: Sophia(p, lr=LR, betas=betas, rho=rho, eps=1e-15 / rho, weight_decay=WeightDecay(decay)),
+        lambda p: Sophia(
+            p, lr=LR, betas=betas, rho=rho, eps=1e-15 / rho, weight_decay=WeightDecay(decay), maximize=maximize
+        ),
         hessian_every=HESSIAN_EVERY,
         update_hessian=update_ours,
         after_step=count_clipped,
     )
     theirs = TorchRun(
         problem,
-        lambda p: sophia_opt.SophiaG(p, lr=LR, betas=betas, rho=rho, weight_decay=decay),
+        lambda p: sophia_opt.SophiaG(p, lr=LR, betas=betas, rho=rho, weight_decay=decay, maximize=maximize),
         step_kwargs={"bs": SOPHIA_BATCH},
         hessian_every=HESSIAN_EVERY,
         update_hessian=update_theirs,
