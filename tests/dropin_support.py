@@ -143,7 +143,8 @@ def assert_identical(actual: Any, expected: Any, where: str = "") -> None:
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:
     """The bytes of `tensor`, so that comparisons are bitwise and NaN equals the same NaN."""
-    return tensor.detach().reshape(-1).contiguous().view(torch.uint8)
+    flat = torch.empty(tensor.numel(), dtype=tensor.dtype, device=tensor.device)  # strides of exactly 1
+    return flat.copy_(tensor.detach().reshape(-1)).view(torch.uint8)
 
 
 def assert_same_params(actual: torch.nn.Module, expected: torch.nn.Module) -> None:
