@@ -121,7 +121,8 @@ def test_bf16_state_costs_little_accuracy(name: str) -> None:
     start = [p.detach() for p in make_model(torch.float32).parameters()]
     moved = max(float((p.detach() - s).abs().max()) for p, s in zip(fp32_state.parameters(), start, strict=True))
     deviation = max(
-        float((p - q).abs().max()) for p, q in zip(bf16_state.parameters(), fp32_state.parameters(), strict=True)
+        float((p - q).detach().abs().max())
+        for p, q in zip(bf16_state.parameters(), fp32_state.parameters(), strict=True)
     )
     bound = BF16_STATE_COST_BOUND.get(name, 0.01)
     assert 0 < deviation <= bound * moved, f"deviation {deviation:.3g}, moved {moved:.3g}"
