@@ -149,3 +149,20 @@ def test_explicit_unscale_then_clip_with_master_weights() -> None:
     train(scaled_model, scaled, range(5), backward=backward, optimizer_step=unscale_clip_step)
     train(plain_model, plain, range(5), optimizer_step=clip_step)
     assert_same_params(scaled_model, plain_model)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_master_and_plain_groups_under_one_scaler(name: str) -> None:
+    # With master weights in one group, the scaler leaves the unscaling of *every* group to the step.
+    def build_mixed() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        model = make_model(torch.float32)
+        model[0].to(torch.bfloat16)
+        groups = [{"params": model[0].parameters(), "master_weights": True}, {"params": model[2].parameters()}]
+        return Autocast(model), make_optimizer(name, groups)
+
+    (scaled_model, scaled), (plain_model, plain) = build_mixed(), build_mixed()
+    scaler = torch.amp.GradScaler("cpu")
+    with_scaler(scaled_model, scaled, scaler, range(6))
+    train(plain_model, plain, range(6))
+    assert_same_params(scaled_model, plain_model)
+    assert_identical(scaled.state_dict(), plain.state_dict())
