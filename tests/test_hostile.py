@@ -52,7 +52,7 @@ def layouts(draw: st.DrawFn) -> Layout:
         shape = tuple(draw(st.lists(dims, min_size=0, max_size=3)))  # () is a 0-d tensor
     else:
         shape = tuple(draw(st.lists(dims, min_size=1, max_size=3)))
-    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
     return Layout(shape, dtype, kind)
 
 
@@ -73,6 +73,7 @@ def hyper_parameters(draw: st.DrawFn) -> dict[str, Any]:
         "eps": draw(st.sampled_from([1e-16, 1e-8, 1e-3])),
         "weight_decay": policies[decay],
         "maximize": draw(st.booleans()),
+        "master_weights": draw(st.booleans()),
     }
 
 
