@@ -1,9 +1,11 @@
 r"""`GenericAdaptiveOptimizer`: everything an adaptive optimizer needs except its own math.
 
-An optimizer in adaptopt is a subclass that supplies two template methods:
+An optimizer in adaptopt is a subclass that supplies its math as template methods:
 
 * `init_state(state, group, param)` creates its per-parameter state tensors;
-* `step_param(state, group, grad, param)` updates `param` and `state` in place from `grad`.
+* `step_scalars(state, group)` computes the numbers that change with the step (the scheduled rate, bias
+  corrections), as Python floats, from `state["step"]` and the group (the default gives the rate only);
+* `step_param(state, group, grad, param, scalars)` updates `param` and `state` in place from `grad`.
 
 The base class owns the rest, the same for every optimizer:
 
@@ -17,12 +19,13 @@ The base class owns the rest, the same for every optimizer:
 * the effective learning rate, `learning_rate(state, group)`, the one place where schedules plug in;
 * `state_dict` in torch's format and a `load_state_dict` that validates everything before it changes
   anything and never rounds state through the parameters' dtype;
-* how the update is executed (`_step_group`): here a plain loop over parameters, the reference.
+* how the update is executed (`_step_group`, option `execution`): the reference is a plain loop over
+  parameters; `execution.py` runs the same `step_param` once per contiguous bucket of parameters, eagerly or
+  under `torch.compile`.
 
-Because the base has applied decay and maximize before `step_param` is called, and passes the step and
-learning rate through `state` and `learning_rate`, `step_param` can be run unchanged on any tensor that
-holds the parameter's elements, a single parameter or, for optimizers that declare `elementwise = True`,
-a contiguous bucket of many.
+Because the base has applied decay and maximize before `step_param` is called, and hands it the step's
+numbers in `scalars`, `step_param` can be run unchanged on any tensor that holds the parameter's elements, a
+single parameter or, for optimizers that declare `elementwise = True`, a contiguous bucket of many.
 """
 
 from __future__ import annotations
@@ -35,14 +38,16 @@ from typing import Any, ClassVar, TypeAlias, TypedDict
 import torch
 from torch.optim import Optimizer
 
+from .execution import BucketedExecution
 from .validation import validate_group
 from .weight_decay import WeightDecay, apply_weight_decay
 
-__all__ = ["CommonOptions", "GenericAdaptiveOptimizer", "Group", "ParamsT", "State", "as_real"]
+__all__ = ["CommonOptions", "GenericAdaptiveOptimizer", "Group", "ParamsT", "Scalars", "State", "as_real"]
 
 ParamsT: TypeAlias = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 State: TypeAlias = dict[str, Any]
 Group: TypeAlias = dict[str, Any]
+Scalars: TypeAlias = dict[str, Any]
 
 
 class CommonOptions(TypedDict, total=False):
@@ -53,11 +58,15 @@ class CommonOptions(TypedDict, total=False):
       re-derived from them after every step), with fp32 optimizer state; no effect on fp32/fp64 params.
     * `state_dtype`: the dtype the optimizer's state tensors are stored in (`torch.float32` or
       `torch.bfloat16`); the math still runs in fp32 (or the param's dtype, if wider).
+    * `execution`: how `step` runs the math (see `execution.py` and docs/performance.md): `"reference"`, a
+      plain loop over params; `"bucketed"`, once per contiguous bucket of params; `"compiled"`, the
+      bucketed update under `torch.compile`; `"auto"` (the default), the fastest of these that applies.
     """
 
     maximize: bool
     master_weights: bool
     state_dtype: torch.dtype | str | None
+    execution: str
 
 
 class GenericAdaptiveOptimizer(Optimizer):
@@ -79,11 +88,14 @@ class GenericAdaptiveOptimizer(Optimizer):
         maximize: bool = False,
         master_weights: bool = False,
         state_dtype: torch.dtype | str | None = None,
+        execution: str = "auto",
     ) -> None:
         policy = WeightDecay.coerce(weight_decay)
         defaults = {**defaults, **policy.group_defaults(), "maximize": maximize}
         defaults.update(master_weights=master_weights, state_dtype=storage_dtype_name(state_dtype))
         validate_group(defaults)
+        # Before super().__init__, which calls add_param_group.
+        self._buckets = BucketedExecution.for_mode(self, execution)
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------------------------------
@@ -93,8 +105,24 @@ class GenericAdaptiveOptimizer(Optimizer):
         """Create the state tensors of `param` (the base has already set `state["step"] = 0`)."""
         raise NotImplementedError
 
-    def step_param(self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor) -> None:
-        """Update `param` and `state` in place; `state["step"]` is already the number of this step."""
+    def step_scalars(self, state: State, group: Group) -> Scalars:
+        """The numbers that change from step to step, as Python floats (float64), from `state["step"]`
+        (already the number of this step) and `group` only: by default the effective rate `"lr"`.
+
+        Subclasses add bias corrections and the like; every mapping must hold `"lr"`. A value may be
+        `None` to switch a branch of `step_param` off for this step (RAdam's rectifier). Computing them
+        here, not in `step_param`, is what lets the compiled path feed them in as tensors: a schedule or
+        a new step then changes the inputs of the compiled update, not its code.
+        """
+        return {"lr": self.learning_rate(state, group)}
+
+    def step_param(self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor, scalars: Scalars) -> None:
+        """Update `param` and `state` in place, with this step's `scalars` from `step_scalars`.
+
+        The scalars are floats on the reference and bucketed paths and 0-d float64 tensors on the compiled
+        one, so combine them with `+ - * /` and `**` only and hand them to tensor ops (`value=`, `alpha=`);
+        take square roots and the like in `step_scalars`.
+        """
         raise NotImplementedError
 
     def lr_factor(self, group: Group, k: int) -> float:
@@ -135,10 +163,10 @@ class GenericAdaptiveOptimizer(Optimizer):
             self._step_group(group)
         return loss
 
-    def _params_with_grad(self, group: Group) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The group's `(param, grad)` pairs, skipping params without a grad."""
+    def _params_with_grad(self, params: Group | Iterable[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The `(param, grad)` pairs of a group (or of some params), skipping params without a grad."""
         pairs = []
-        for param in group["params"]:
+        for param in params["params"] if isinstance(params, dict) else params:
             grad = param.grad
             if grad is None:
                 continue
@@ -151,15 +179,24 @@ class GenericAdaptiveOptimizer(Optimizer):
         return pairs
 
     def _state_for(self, group: Group, param: torch.Tensor) -> State:
-        """The state of `param`, created on first use."""
+        """The state of `param`, created on first use (as views into its bucket, when it has one)."""
         state: State = self.state[param]
         if not state:
             self._initialize_state(state, group, param)
+            if self._buckets is not None:
+                self._buckets.adopt_state(param, state)
         return state
 
     def _step_group(self, group: Group) -> None:
+        """Step the group the way `execution` says: bucketed paths hand back the params they do not own."""
+        if self._buckets is None or self._needs_working_copies(group):
+            self._step_params(group, group["params"])
+        else:
+            self._step_params(group, self._buckets.step_group(group))
+
+    def _step_params(self, group: Group, params: Iterable[torch.Tensor]) -> None:
         """The reference execution: one parameter at a time."""
-        for param, grad in self._params_with_grad(group):
+        for param, grad in self._params_with_grad(params):
             state = self._state_for(group, param)
             if self._needs_working_copies(group):
                 self._step_through_working_copies(state, group, as_real(grad), as_real(param))
@@ -169,10 +206,21 @@ class GenericAdaptiveOptimizer(Optimizer):
     def _step_one(self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor) -> None:
         """Bookkeeping shared by every execution path, then the optimizer's own math."""
         state["step"] += 1
+        self._update(state, group, grad, param, self.step_scalars(state, group))
+
+    def _update(self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor, scalars: Scalars) -> None:
+        """The tensor part of a step (what the compiled path compiles): maximize, weight decay, the math."""
         if group["maximize"]:
             grad = -grad
-        grad = apply_weight_decay(param, grad, group, self.learning_rate(state, group))
-        self.step_param(state, group, grad, param)
+        grad = apply_weight_decay(param, grad, group, scalars["lr"])
+        self.step_param(state, group, grad, param, scalars)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's `zero_grad`; with `set_to_none=False`, bucketed grads are zeroed in one op per bucket."""
+        if self._buckets is None or set_to_none:
+            super().zero_grad(set_to_none)
+        else:
+            self._buckets.zero_grad()
 
     # ----------------------------------------------------------------------------------------------
     # Low precision: fp32 master weights, state stored in another dtype, GradScaler's unscaling.

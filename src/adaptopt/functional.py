@@ -1,7 +1,8 @@
 r"""Shared pieces of the family's math, as plain functions.
 
 Everything here that returns a number works in Python floats (IEEE float64), whatever the parameters'
-dtype, so a float32 run and a float64 run see the same per-step scalars.
+dtype, so a float32 run and a float64 run see the same per-step scalars. `adam_step` takes those numbers as
+floats or, on the compiled path, as 0-d float64 tensors, so it only combines them with `*` and `/`.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def adam_step(
     lr: float,
     eps: float,
     bias_correction1: float,
-    bias_correction2: float,
+    bias_correction2_sqrt: float,
     optimized_update: bool,
 ) -> None:
     r"""The bias-corrected adaptive step shared by Adam, AMSGrad and RAdam.
@@ -68,13 +69,14 @@ def adam_step(
     $$\theta_t \leftarrow \theta_{t-1} - \eta \frac{\sqrt{1 - \beta_2^t}}{1 - \beta_1^t}
         \cdot \frac{m_t}{\sqrt{v_t} + \hat\epsilon}$$
 
-    `lr` may already include RAdam's rectification $r_t$.
+    `lr` may already include RAdam's rectification $r_t$; `bias_correction2_sqrt` is $\sqrt{1 - \beta_2^t}$.
     """
     if optimized_update:
         denominator = second_moment.sqrt().add_(eps)
-        step_size = lr * math.sqrt(bias_correction2) / bias_correction1
+        step_size = lr * bias_correction2_sqrt / bias_correction1
     else:
-        # The operation order of torch.optim.Adam's single-tensor path, so the two agree bitwise.
-        denominator = (second_moment.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+        # The operation order of torch.optim.Adam's single-tensor path, so the two agree bitwise; in place,
+        # so that only one param-sized temporary is alive at a time.
+        denominator = second_moment.sqrt().div_(bias_correction2_sqrt).add_(eps)
         step_size = lr / bias_correction1
     param.addcdiv_(exp_avg, denominator, value=-step_size)

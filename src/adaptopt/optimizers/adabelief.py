@@ -38,15 +38,15 @@ Where we differ, and why:
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from typing_extensions import Unpack
 
-from ..base import CommonOptions, GenericAdaptiveOptimizer, Group, ParamsT, State
-from ..functional import bias_correction, rectification
+from ..base import CommonOptions, GenericAdaptiveOptimizer, Group, ParamsT, Scalars, State
+from ..functional import rectification
 from ..weight_decay import WeightDecay
+from .adam import adam_step_scalars
 
 __all__ = ["AdaBelief"]
 
@@ -84,10 +84,14 @@ class AdaBelief(GenericAdaptiveOptimizer):
         if group["amsgrad"]:
             state["max_exp_avg_var"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
-    def step_param(self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor) -> None:
+    def step_scalars(self, state: State, group: Group) -> Scalars:
+        # Adam's numbers and $r_t$ (None while rho_t < 5, the official threshold).
+        rectifier = rectification(group["betas"][1], state["step"], inclusive=True)
+        return {**adam_step_scalars(self, state, group), "rectifier": rectifier}
+
+    def step_param(self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor, scalars: Scalars) -> None:
         beta1, beta2 = group["betas"]
         eps = group["eps"]
-        step = state["step"]
         exp_avg, exp_avg_var = state["exp_avg"], state["exp_avg_var"]
         exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
         residual = grad - exp_avg
@@ -95,17 +99,15 @@ class AdaBelief(GenericAdaptiveOptimizer):
         belief = exp_avg_var
         if group["amsgrad"]:
             belief = torch.maximum(state["max_exp_avg_var"], exp_avg_var, out=state["max_exp_avg_var"])
-        lr = self.learning_rate(state, group)
-        bias_correction1 = bias_correction(beta1, step)
-        bias_correction2 = bias_correction(beta2, step)
+        lr, rectifier = scalars["lr"], scalars["rectifier"]
+        bias_correction1, bias_correction2_sqrt = scalars["bias_correction1"], scalars["bias_correction2_sqrt"]
         if not group["rectify"]:
-            denominator = (belief.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+            denominator = belief.sqrt().div_(bias_correction2_sqrt).add_(eps)
             param.addcdiv_(exp_avg, denominator, value=-lr / bias_correction1)
             return
-        rectifier = rectification(beta2, step, inclusive=True)
         if rectifier is not None:
             denominator = belief.sqrt().add_(eps)
-            step_size = math.sqrt(bias_correction2) * rectifier / bias_correction1
+            step_size = bias_correction2_sqrt * rectifier / bias_correction1
             param.addcdiv_(exp_avg, denominator, value=-step_size * lr)
         elif group["degenerate_to_sgd"]:
             param.add_(exp_avg, alpha=-lr / bias_correction1)

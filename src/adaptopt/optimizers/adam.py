@@ -24,16 +24,17 @@ The functions here are the whole of the math; the schedule optimizers in `warmup
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from typing_extensions import Unpack
 
-from ..base import CommonOptions, GenericAdaptiveOptimizer, Group, ParamsT, State
+from ..base import CommonOptions, GenericAdaptiveOptimizer, Group, ParamsT, Scalars, State
 from ..functional import adam_step, bias_correction
 from ..weight_decay import WeightDecay
 
-__all__ = ["AMSGrad", "Adam", "adam_init_state", "adam_step_param"]
+__all__ = ["AMSGrad", "Adam", "adam_init_state", "adam_step_param", "adam_step_scalars"]
 
 
 def adam_init_state(optimizer: GenericAdaptiveOptimizer, state: State, group: Group, param: torch.Tensor) -> None:
@@ -44,12 +45,27 @@ def adam_init_state(optimizer: GenericAdaptiveOptimizer, state: State, group: Gr
         state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
+def adam_step_scalars(optimizer: GenericAdaptiveOptimizer, state: State, group: Group) -> Scalars:
+    """The rate $\\eta_t$, $1 - \\beta_1^t$ and $\\sqrt{1 - \\beta_2^t}$ of step $t$, in float64."""
+    beta1, beta2 = group["betas"]
+    step = state["step"]
+    return {
+        "lr": optimizer.learning_rate(state, group),
+        "bias_correction1": bias_correction(beta1, step),
+        "bias_correction2_sqrt": math.sqrt(bias_correction(beta2, step)),
+    }
+
+
 def adam_step_param(
-    optimizer: GenericAdaptiveOptimizer, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor
+    optimizer: GenericAdaptiveOptimizer,
+    state: State,
+    group: Group,
+    grad: torch.Tensor,
+    param: torch.Tensor,
+    scalars: Scalars,
 ) -> None:
     """One Adam (or AMSGrad) update of `param`."""
     beta1, beta2 = group["betas"]
-    step = state["step"]
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
     # m_t = beta1 m_{t-1} + (1 - beta1) g_t, written as torch.optim.Adam writes it.
     exp_avg.lerp_(grad, 1.0 - beta1)
@@ -63,10 +79,10 @@ def adam_step_param(
         param,
         exp_avg,
         second_moment,
-        lr=optimizer.learning_rate(state, group),
+        lr=scalars["lr"],
         eps=group["eps"],
-        bias_correction1=bias_correction(beta1, step),
-        bias_correction2=bias_correction(beta2, step),
+        bias_correction1=scalars["bias_correction1"],
+        bias_correction2_sqrt=scalars["bias_correction2_sqrt"],
         optimized_update=group["optimized_update"],
     )
 
@@ -81,6 +97,7 @@ class Adam(GenericAdaptiveOptimizer):
     """
 
     init_state = adam_init_state
+    step_scalars = adam_step_scalars
     step_param = adam_step_param
 
     def __init__(
@@ -107,6 +124,7 @@ class AMSGrad(GenericAdaptiveOptimizer):
     """
 
     init_state = adam_init_state
+    step_scalars = adam_step_scalars
     step_param = adam_step_param
 
     def __init__(

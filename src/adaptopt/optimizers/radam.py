@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from typing_extensions import Unpack
 
-from ..base import CommonOptions, GenericAdaptiveOptimizer, Group, ParamsT, State
-from ..functional import adam_step, bias_correction, rectification
+from ..base import CommonOptions, GenericAdaptiveOptimizer, Group, ParamsT, Scalars, State
+from ..functional import adam_step, rectification
 from ..weight_decay import WeightDecay
-from .adam import adam_init_state
+from .adam import adam_init_state, adam_step_scalars
 
 __all__ = ["RAdam"]
 
@@ -69,18 +69,19 @@ class RAdam(GenericAdaptiveOptimizer):
         )
         super().__init__(params, defaults, weight_decay=weight_decay, **options)
 
-    def step_param(self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor) -> None:
+    def step_scalars(self, state: State, group: Group) -> Scalars:
+        # Adam's numbers and $r_t$, which is None while the variance is intractable.
+        return {**adam_step_scalars(self, state, group), "rectifier": rectification(group["betas"][1], state["step"])}
+
+    def step_param(self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor, scalars: Scalars) -> None:
         beta1, beta2 = group["betas"]
-        step = state["step"]
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         exp_avg.lerp_(grad, 1.0 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
         second_moment = exp_avg_sq
         if group["amsgrad"]:
             second_moment = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq, out=state["max_exp_avg_sq"])
-        lr = self.learning_rate(state, group)
-        bias_correction1 = bias_correction(beta1, step)
-        rectifier = rectification(beta2, step)
+        lr, rectifier = scalars["lr"], scalars["rectifier"]
         if rectifier is not None:
             adam_step(
                 param,
@@ -88,9 +89,9 @@ class RAdam(GenericAdaptiveOptimizer):
                 second_moment,
                 lr=lr * rectifier,
                 eps=group["eps"],
-                bias_correction1=bias_correction1,
-                bias_correction2=bias_correction(beta2, step),
+                bias_correction1=scalars["bias_correction1"],
+                bias_correction2_sqrt=scalars["bias_correction2_sqrt"],
                 optimized_update=group["optimized_update"],
             )
         elif group["degenerate_to_sgd"]:
-            param.add_(exp_avg, alpha=-lr / bias_correction1)
+            param.add_(exp_avg, alpha=-lr / scalars["bias_correction1"])

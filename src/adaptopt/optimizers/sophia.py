@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from typing_extensions import Unpack
 
-from ..base import CommonOptions, GenericAdaptiveOptimizer, Group, ParamsT, State, as_real
+from ..base import CommonOptions, GenericAdaptiveOptimizer, Group, ParamsT, Scalars, State, as_real
 from ..validation import validate_group
 from ..weight_decay import WeightDecay
 
@@ -77,12 +77,12 @@ class Sophia(GenericAdaptiveOptimizer):
         state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         state["hessian"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
-    def step_param(self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor) -> None:
+    def step_param(self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor, scalars: Scalars) -> None:
         beta1, _ = group["betas"]
         exp_avg = state["exp_avg"]
         exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
         ratio = (exp_avg.abs() / (group["rho"] * (state["hessian"] + group["eps"]))).clamp_(max=1.0)
-        param.addcmul_(exp_avg.sign(), ratio, value=-self.learning_rate(state, group))
+        param.addcmul_(exp_avg.sign(), ratio, value=-scalars["lr"])
 
     @torch.no_grad()
     def update_hessian(self, n_tokens_training_batch: int) -> None:

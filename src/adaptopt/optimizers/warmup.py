@@ -21,7 +21,7 @@ from typing_extensions import Unpack
 from .. import schedules
 from ..base import CommonOptions, GenericAdaptiveOptimizer, Group, ParamsT
 from ..weight_decay import WeightDecay
-from .adam import adam_init_state, adam_step_param
+from .adam import adam_init_state, adam_step_param, adam_step_scalars
 
 __all__ = ["AdamWarmup", "AdamWarmupCosineDecay", "Noam"]
 
@@ -30,6 +30,7 @@ class AdamWarmup(GenericAdaptiveOptimizer):
     """Adam with a linear warm-up of the learning rate over `warmup` steps."""
 
     init_state = adam_init_state
+    step_scalars = adam_step_scalars
     step_param = adam_step_param
 
     def __init__(
@@ -58,6 +59,7 @@ class AdamWarmupCosineDecay(GenericAdaptiveOptimizer):
     """Adam with linear warm-up, then cosine decay to 10% of `lr` at `total_steps`."""
 
     init_state = adam_init_state
+    step_scalars = adam_step_scalars
     step_param = adam_step_param
 
     def __init__(
@@ -97,6 +99,7 @@ class Noam(GenericAdaptiveOptimizer):
     """
 
     init_state = adam_init_state
+    step_scalars = adam_step_scalars
     step_param = adam_step_param
 
     def __init__(

@@ -1,0 +1,429 @@
+"""Every execution path equals the reference loop: params and state, float64, over 20+ steps.
+
+The bucketed path runs the same elementwise math on the same numbers, so it must agree bitwise; the compiled
+path (inductor may fuse into FMAs) within 1e-12 of each tensor's scale. The situations the buckets must
+survive without user action are each run against the reference path too.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+import adaptopt
+from adaptopt import WeightDecay, execution
+from adaptopt.execution import bucket_of, buckets
+
+F64 = torch.float64
+
+CONFIGS: list[tuple[str, dict[str, Any]]] = [
+    ("adam", {}),
+    ("adam", {"optimized_update": False, "amsgrad": True}),
+    ("adam", {"weight_decay": WeightDecay(0.1, weight_decouple=False)}),
+    ("adam", {"weight_decay": WeightDecay(0.1)}),
+    ("adam", {"weight_decay": WeightDecay(0.01, absolute=True)}),
+    ("adam", {"weight_decay": WeightDecay(0.01, l1=True)}),
+    ("adam", {"weight_decay": WeightDecay(0.01, weight_decouple=False, l1=True)}),
+    ("adam", {"maximize": True}),
+    ("amsgrad", {"weight_decay": 0.05}),
+    ("adam_warmup", {"warmup": 5}),
+    ("adam_warmup_cosine_decay", {"warmup": 3, "total_steps": 15}),
+    ("noam", {"lr": 1.0, "warmup": 4, "d_model": 16}),
+    ("radam", {}),
+    ("radam", {"degenerate_to_sgd": False, "amsgrad": True, "optimized_update": False}),
+    ("adabelief", {"weight_decay": WeightDecay(0.1, weight_decouple=False)}),
+    ("adabelief", {"rectify": False, "amsgrad": True}),
+    ("adabelief", {"degenerate_to_sgd": False, "maximize": True}),
+    ("sophia", {"rho": 0.05, "weight_decay": 0.1}),
+]
+NAMES = [name for name in adaptopt.available() if name != "sgd"]
+STEPS = 20
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(F64)
+
+
+Mutate = Callable[[int, nn.Module, torch.optim.Optimizer], None]
+
+
+def train(
+    name: str,
+    options: dict[str, Any],
+    execution: str,
+    *,
+    model: nn.Module | None = None,
+    steps: int = STEPS,
+    mutate: Mutate | None = None,
+    set_to_none: bool = True,
+    optimizer: torch.optim.Optimizer | None = None,
+    start: int = 0,
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """`steps` steps of a small regression, the same data whatever the path; Sophia refreshes h every 3."""
+    if model is None:
+        torch.manual_seed(0)
+        model = mlp()
+    if optimizer is None:
+        options = {"lr": 1e-2, **options}
+        optimizer = adaptopt.create(name, model.parameters(), execution=execution, **options)
+    for step in range(start, start + steps):
+        data = torch.randn(8, 5, dtype=F64, generator=torch.Generator().manual_seed(step))
+        data = data.to(next(model.parameters()).dtype)
+        optimizer.zero_grad(set_to_none=set_to_none)
+        model(data).pow(2).mean().backward()
+        if mutate is not None:
+            mutate(step, model, optimizer)
+        optimizer.step()
+        if name == "sophia" and step % 3 == 2:
+            optimizer.zero_grad(set_to_none=set_to_none)
+            model(data).pow(2).sum().backward()
+            optimizer.update_hessian(8)
+    return model, optimizer
+
+
+def assert_same(
+    expected: tuple[nn.Module, torch.optim.Optimizer], actual: tuple[nn.Module, torch.optim.Optimizer], *, exact: bool
+) -> None:
+    """Params and per-param state of two runs agree: bitwise, or within 1e-12 of each tensor's scale."""
+    (expected_model, expected_opt), (actual_model, actual_opt) = expected, actual
+    expected_params, actual_params = list(expected_model.parameters()), list(actual_model.parameters())
+    pairs = list(zip(expected_params, actual_params, strict=True))
+    for index, (want, got) in enumerate(pairs):
+        tensors = [(f"param {index}", want, got)]
+        want_state, got_state = expected_opt.state.get(want, {}), actual_opt.state.get(got, {})
+        assert want_state.keys() == got_state.keys(), index
+        for key in want_state:
+            if key == "step":
+                assert want_state[key] == got_state[key], (index, key)
+            else:
+                tensors.append((f"{key} of param {index}", want_state[key], got_state[key]))
+        for label, a, b in tensors:
+            assert a.shape == b.shape and a.dtype == b.dtype, label
+            if exact:
+                assert torch.equal(a, b), f"{label}: max diff {(a - b).abs().max().item()}"
+            else:
+                # Inductor may contract a*b+c into an FMA: last-bit differences, nothing more.
+                scale = max(a.abs().max().item(), 1e-300)
+                assert (a - b).abs().max().item() <= 1e-12 * scale, label
+
+
+def reference(name: str, options: dict[str, Any], **kwargs: Any) -> tuple[nn.Module, torch.optim.Optimizer]:
+    return train(name, options, "reference", **kwargs)
+
+
+def test_configs_cover_every_registered_optimizer() -> None:
+    assert {name for name, _ in CONFIGS} == set(NAMES)
+
+
+@pytest.mark.parametrize(("name", "options"), CONFIGS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CONFIGS)])
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_bucketed_equals_reference_bitwise(name: str, options: dict[str, Any], set_to_none: bool) -> None:
+    expected = reference(name, options, set_to_none=set_to_none)
+    actual = train(name, options, "bucketed", set_to_none=set_to_none)
+    assert_same(expected, actual, exact=True)
+    model, optimizer = actual
+    # It did run bucketed: one bucket owns every param, and its state tensors are views of the buffers.
+    (bucket,) = buckets(optimizer)
+    assert all(bucket_of(optimizer, param) is bucket for param in model.parameters())
+    weight = model[0].weight
+    assert weight.untyped_storage().data_ptr() == bucket.flat_param.untyped_storage().data_ptr()
+    assert optimizer.state[weight]["exp_avg"].untyped_storage().data_ptr() == (
+        bucket.state_buffers["exp_avg"].untyped_storage().data_ptr()
+    )
+    if not set_to_none:
+        # zero_grad(set_to_none=False) hands backward the bucket's grad views: no copy at the step.
+        assert all(param.grad is view for param, view in zip(bucket.params, bucket.grad_views, strict=True))
+
+
+def test_zero_grad_keeps_torch_semantics() -> None:
+    model, optimizer = train("adam", {}, "bucketed", steps=2)
+    optimizer.zero_grad()
+    assert all(param.grad is None for param in model.parameters())
+    model(torch.ones(2, 5, dtype=F64)).sum().backward()
+    optimizer.zero_grad(set_to_none=False)
+    assert all(param.grad is not None and not param.grad.any() for param in model.parameters())
+    assert all(param.grad is not None and not param.grad.requires_grad for param in model.parameters())
+
+
+def test_execution_is_validated_and_reference_leaves_params_alone() -> None:
+    with pytest.raises(ValueError, match="execution"):
+        adaptopt.Adam(mlp().parameters(), execution="fast")
+    with pytest.raises(TypeError, match="execution"):
+        adaptopt.Adam(mlp().parameters(), execution=None)  # type: ignore[arg-type]
+    model, optimizer = train("adam", {}, "reference", steps=2)
+    assert list(buckets(optimizer)) == []
+    assert all(param.untyped_storage().nbytes() == param.numel() * 8 for param in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------------------
+# Situations the buckets must survive: each against the reference path, bitwise.
+
+
+def clip_by_new_tensors(step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    for param in model.parameters():
+        assert param.grad is not None
+        param.grad = param.grad.clamp(-0.05, 0.05)
+
+
+def drop_some_grads(step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    # The first layer's bias gets no grad on odd steps, the last layer's weight every third step: the bucket
+    # has holes and, from then on, params at different step counts.
+    if step % 2:
+        model[0].bias.grad = None
+    if step % 3 == 0:
+        model[2].weight.grad = None
+
+
+def foreign_grad_views(step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    # What DDP's gradient_as_bucket_view does: grads are views of a buffer the optimizer does not own.
+    params = list(model.parameters())
+    flat = torch.cat([param.grad.flatten() for param in params if param.grad is not None])
+    offset = 0
+    for param in params:
+        param.grad = flat[offset : offset + param.numel()].view_as(param)
+        offset += param.numel()
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("mutate", [clip_by_new_tensors, drop_some_grads, foreign_grad_views])
+@pytest.mark.parametrize("name", ["adam", "radam", "sophia"])
+def test_grads_replaced_missing_or_foreign(name: str, mutate: Mutate, set_to_none: bool) -> None:
+    options = dict(CONFIGS)[name]
+    expected = reference(name, options, mutate=mutate, set_to_none=set_to_none)
+    actual = train(name, options, "bucketed", mutate=mutate, set_to_none=set_to_none)
+    assert_same(expected, actual, exact=True)
+
+
+def test_foreign_grad_views_are_zeroed_in_place_not_replaced() -> None:
+    model, optimizer = train("adam", {}, "bucketed", steps=3, mutate=foreign_grad_views)
+    grads = [param.grad for param in model.parameters()]
+    optimizer.zero_grad(set_to_none=False)
+    assert all(param.grad is grad and not grad.any() for param, grad in zip(model.parameters(), grads, strict=True))
+
+
+def test_sparse_grads_are_rejected() -> None:
+    embedding = nn.Embedding(10, 3, sparse=True).to(F64)
+    optimizer = adaptopt.Adam(embedding.parameters(), execution="bucketed")
+    embedding(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        optimizer.step()
+
+
+def test_add_param_group_several_dtypes_and_layouts() -> None:
+    def model_fn() -> nn.Module:
+        torch.manual_seed(0)
+        model = mlp()
+        # A transposed (dense, non-contiguous) weight, a channels-last conv weight, a complex param.
+        model.register_parameter("transposed", nn.Parameter(torch.randn(7, 5, dtype=F64).t()))
+        model.register_parameter("conv", nn.Parameter(torch.randn(2, 3, 2, 2, dtype=F64)))
+        model.conv.data = model.conv.data.contiguous(memory_format=torch.channels_last)
+        model.register_parameter("complex", nn.Parameter(torch.randn(3, 2, dtype=torch.complex128)))
+        model.register_parameter("single", nn.Parameter(torch.randn(4)))
+        return model
+
+    class Extra(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = model_fn()
+
+        def forward(self, data: torch.Tensor) -> torch.Tensor:
+            body = self.body
+            out = body(data) + (data @ body.transposed).sum() * 1e-2
+            out = out + body.conv.pow(2).sum() * 1e-3 + body.complex.abs().pow(2).sum() * 1e-3
+            return out + body.single.double().pow(2).sum() * 1e-3
+
+    def run(execution: str) -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = Extra()
+        body = model.body
+        late = [body.complex, body.single]
+        early = [param for param in model.parameters() if all(param is not other for other in late)]
+        optimizer = adaptopt.Adam(early, lr=1e-2, execution=execution)
+
+        def add_group(step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+            if step == 5:
+                optimizer.add_param_group({"params": late, "lr": 3e-2})
+            if step < 5:
+                for param in late:
+                    param.grad = None
+
+        return train("adam", {}, execution, model=model, optimizer=optimizer, mutate=add_group)
+
+    expected, actual = run("reference"), run("bucketed")
+    # float32 params do not make the float64 comparison weaker: both paths run the same float32 ops.
+    assert_same(expected, actual, exact=True)
+    model, optimizer = actual
+    body = model.body
+    assert len(list(buckets(optimizer))) == 3  # float64 in group 0; complex128 and float32 in group 1
+    assert body.conv.is_contiguous(memory_format=torch.channels_last) and not body.transposed.is_contiguous()
+    assert bucket_of(optimizer, body.complex) is not None
+
+
+def test_params_that_cannot_be_rehomed_stay_where_they_are() -> None:
+    class Tagged(torch.Tensor):
+        """A tensor subclass (as DTensor is): its data cannot be swapped for a view of a buffer."""
+
+    shared = torch.randn(3, 5, dtype=F64)
+
+    def run(execution: str) -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = mlp()
+        model.register_parameter("shared", nn.Parameter(shared.clone() if execution == "reference" else shared))
+        model.register_parameter("tagged", nn.Parameter(torch.randn(3, 3, dtype=F64).as_subclass(Tagged)))
+        model.register_parameter("frozen", nn.Parameter(torch.randn(3, dtype=F64), requires_grad=False))
+
+        def touch(step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+            model.shared.grad = torch.full_like(model.shared, 0.1 * step)
+            model.tagged.grad = torch.full((3, 3), 0.2, dtype=F64).as_subclass(Tagged)
+
+        return train("adam", {}, execution, model=model, mutate=touch)
+
+    expected, actual = run("reference"), run("bucketed")
+    assert_same(expected, actual, exact=True)
+    model, optimizer = actual
+    assert type(model.tagged) is Tagged
+    for name in ("shared", "tagged", "frozen"):
+        assert bucket_of(optimizer, getattr(model, name)) is None, name
+    assert bucket_of(optimizer, model[0].weight) is not None
+    # The tie with the outside tensor holds: it saw every update.
+    assert model.shared.data_ptr() == shared.data_ptr() and torch.equal(model.shared.detach(), shared)
+
+
+def test_tied_weights_stay_tied() -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(5, 4, bias=False)
+            self.head = nn.Linear(5, 4, bias=False)
+            self.head.weight = self.embed.weight  # tied by identity, as language models tie embeddings
+
+        def forward(self, data: torch.Tensor) -> torch.Tensor:
+            return (data @ self.embed.weight.t()) @ self.head.weight
+
+    def run(execution: str) -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        return train("adam", {}, execution, model=Tied().to(F64))
+
+    expected, actual = run("reference"), run("bucketed")
+    assert_same(expected, actual, exact=True)
+    model, optimizer = actual
+    assert model.head.weight is model.embed.weight and bucket_of(optimizer, model.embed.weight) is not None
+
+
+def test_model_moved_with_to_after_construction() -> None:
+    # Five float32 steps, then model.to(float64): the buckets re-gather, the state moves with the params.
+    torch.manual_seed(0)
+    model = mlp().float()
+    model, optimizer = train("radam", {}, "bucketed", model=model, steps=5)
+    (old_bucket,) = buckets(optimizer)
+    twin = copy.deepcopy(model).to(F64)
+    twin_optimizer = adaptopt.RAdam(twin.parameters(), lr=1e-2, execution="reference")
+    twin_optimizer.load_state_dict(optimizer.state_dict())  # load casts the state to the params' dtype
+    model.to(F64)
+    model.to(F64)  # A no-op move changes nothing.
+    train("radam", {}, "bucketed", model=model, optimizer=optimizer, start=5)
+    train("radam", {}, "reference", model=twin, optimizer=twin_optimizer, start=5)
+    assert_same((twin, twin_optimizer), (model, optimizer), exact=True)
+    (bucket,) = buckets(optimizer)
+    assert bucket is not old_bucket and bucket.flat_param.dtype == F64
+    assert all(bucket_of(optimizer, param) is bucket for param in model.parameters())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_round_trip_writes_into_the_buckets(name: str) -> None:
+    options = dict(CONFIGS)[name]
+    model, optimizer = train(name, options, "bucketed", steps=12)
+    saved = copy.deepcopy(optimizer.state_dict())
+    # Into a fresh bucketed optimizer over a copy of the model, and back into the running one.
+    twin = copy.deepcopy(model)
+    twin_optimizer = adaptopt.create(name, twin.parameters(), execution="bucketed", **{"lr": 1e-2, **options})
+    twin_optimizer.load_state_dict(saved)
+    train(name, options, "bucketed", model=twin, optimizer=twin_optimizer, steps=12, start=12)
+    optimizer.load_state_dict(saved)
+    train(name, options, "bucketed", model=model, optimizer=optimizer, steps=12, start=12)
+    expected = reference(name, options, steps=24)
+    assert_same(expected, (twin, twin_optimizer), exact=True)
+    assert_same(expected, (model, optimizer), exact=True)
+    (bucket,) = buckets(optimizer)
+    state = optimizer.state[model[0].weight]
+    assert state["exp_avg"].untyped_storage().data_ptr() == bucket.state_buffers["exp_avg"].untyped_storage().data_ptr()
+
+
+def test_master_weight_groups_take_the_reference_path() -> None:
+    torch.manual_seed(0)
+    model = mlp().to(torch.bfloat16)
+    optimizer = adaptopt.Adam(model.parameters(), master_weights=True, execution="bucketed")
+    model(torch.ones(2, 5, dtype=torch.bfloat16)).sum().backward()
+    optimizer.step()
+    assert list(buckets(optimizer)) == []
+    assert optimizer.state[model[0].weight]["master_weight"].dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------------------------
+# Compiled: few and small, compilation is slow.
+
+
+def test_compiled_equals_reference_for_every_optimizer() -> None:
+    for name, options in CONFIGS:
+        if name in NAMES and options == dict(CONFIGS)[name]:
+            expected = reference(name, options)
+            actual = train(name, options, "compiled")
+            assert_same(expected, actual, exact=False)
+            (bucket,) = buckets(actual[1])
+            assert bucket.compiled is not None and not bucket.compile_failed, name
+
+
+def test_compiled_schedules_and_steps_do_not_recompile() -> None:
+    # A warm-up-cosine schedule, an LR scheduler changing group["lr"], new steps, new bias corrections and
+    # RAdam's rectifier changing value: inputs, not code. Only the rectifier switching on (None -> float)
+    # selects the other branch, once.
+    counters.clear()
+    for name, options in [("adam_warmup_cosine_decay", {"warmup": 3, "total_steps": 15}), ("radam", {})]:
+        torch.manual_seed(0)
+        model = mlp()
+        optimizer = adaptopt.create(name, model.parameters(), lr=1e-2, execution="compiled", **options)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 0.9**k)
+        train(name, options, "compiled", model=model, optimizer=optimizer, steps=7)
+        scheduler.step()
+        graphs = counters["stats"]["unique_graphs"]
+        for step in range(7, 25):
+            train(name, options, "compiled", model=model, optimizer=optimizer, steps=1, start=step)
+            scheduler.step()
+        assert counters["stats"]["unique_graphs"] == graphs, name
+
+
+def test_compile_failure_warns_once_and_runs_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(tag: str) -> Callable[..., None]:
+        def fail(*args: Any) -> None:
+            raise RuntimeError("no C++ compiler")
+
+        return fail
+
+    monkeypatch.setattr(execution, "_compile_update", broken)
+    monkeypatch.setattr(execution, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        actual = train("radam", {}, "compiled")
+        train("adam", {}, "compiled")
+    messages = [str(warning.message) for warning in caught if "torch.compile failed" in str(warning.message)]
+    assert len(messages) == 1 and "no C++ compiler" in messages[0]
+    assert_same(reference("radam", {}), actual, exact=True)
+
+
+def test_auto_compiles_after_enough_eager_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    (bucket_size,) = {sum(param.numel() for param in mlp().parameters())}
+    monkeypatch.setattr(execution, "AUTO_COMPILE_WORK", 10 * bucket_size)
+    expected = reference("adam", {})
+    model, optimizer = train("adam", {}, "auto", steps=10)
+    (bucket,) = buckets(optimizer)
+    assert bucket.compiled is None and bucket.eager_work == 10 * bucket_size
+    actual = train("adam", {}, "auto", model=model, optimizer=optimizer, steps=10, start=10)
+    assert bucket.compiled is not None
+    assert_same(expected, actual, exact=False)
