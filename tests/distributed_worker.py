@@ -1,14 +1,12 @@
-"""One rank of the distributed tests, and the single-process runs they are compared with.
+"""What the ranks of the distributed tests run, and the single-process runs they are compared with.
 
-`tests/test_distributed.py` starts this file as two processes (gloo on CPU, loopback only):
-
-    python tests/distributed_worker.py SCENARIO --rank R --world-size 2 --port P --out DIR
-
-Each scenario trains every case of `CASES` (every adaptopt optimizer, with its weight-decay policy) under
-one kind of data parallelism, each rank taking its half of every global batch, and saves what it ended
-with to `DIR/SCENARIO-rankR.pt`; the test compares that with `single_process_run`, which trains the same
-model on the whole batch with no process group. Everything is float64 so that the only differences left
-are the summation orders of the gradient reductions.
+`tests/test_distributed.py` runs `run_scenario` in WORLD_SIZE processes with `adaptopt.distributed.launch`
+(gloo on CPU, 127.0.0.1 only); the functions live here, in a module of their own, because the spawned
+processes import them by name. Each scenario trains every case of `CASES` (every adaptopt optimizer, with
+its weight-decay policy) under one kind of data parallelism, each rank taking its half of every global
+batch, and returns what every rank ended with; the test compares that with `single_process_run`, which
+trains the same model on the whole batch with no process group. Everything is float64 so that the only
+differences left are the summation orders of the gradient reductions.
 
 Batching every optimizer into one launch keeps the cost of starting processes (importing torch, forming
 the group) to once per scenario.
@@ -16,12 +14,10 @@ the group) to once per scenario.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +29,11 @@ from torch import nn
 import adaptopt
 from adaptopt import WeightDecay
 from adaptopt.base import CommonOptions
+from adaptopt.distributed import data_parallel, rank_share, world_size
 
 IN_FEATURES, HIDDEN, CLASSES = 6, 8, 3
 GLOBAL_BATCH = 8
+WORLD_SIZE = 2
 STEPS_BEFORE_CHECKPOINT, STEPS_AFTER_CHECKPOINT = 6, 4
 STEPS = STEPS_BEFORE_CHECKPOINT + STEPS_AFTER_CHECKPOINT
 HESSIAN_EVERY = 2
@@ -110,11 +108,9 @@ class Batch:
     uniforms: torch.Tensor
     """Draws in [0, 1) that pick the labels of Sophia's Hessian estimate from the model's own softmax."""
 
-    def shard(self, rank: int, world_size: int) -> Batch:
-        """Rank `rank`'s contiguous share of the global batch."""
-        size = GLOBAL_BATCH // world_size
-        rows = slice(rank * size, (rank + 1) * size)
-        return Batch(self.inputs[rows], self.targets[rows], self.uniforms[rows])
+    def share(self) -> Batch:
+        """This rank's contiguous share of the global batch (all of it without a process group)."""
+        return Batch(rank_share(self.inputs), rank_share(self.targets), rank_share(self.uniforms))
 
 
 def global_batch(step: int) -> Batch:
@@ -143,8 +139,6 @@ def train(
     case: Case,
     steps: range,
     *,
-    rank: int = 0,
-    world_size: int = 1,
     hessian_optimizer: adaptopt.GenericAdaptiveOptimizer | None = None,
 ) -> None:
     """Train over `steps` of the global schedule; each rank sees its share of every global batch.
@@ -153,7 +147,7 @@ def train(
     ranks' means), so Sophia's `update_hessian` is given the global batch size.
     """
     for step in steps:
-        batch = global_batch(step).shard(rank, world_size)
+        batch = global_batch(step).share()
         F.cross_entropy(model(batch.inputs), batch.targets).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -203,24 +197,32 @@ def _runs() -> Iterator[tuple[str, Case, str]]:
 # Scenarios: each returns {key: result}; the test reads the keys documented here.
 
 
-def scenario_ddp(rank: int, world_size: int, out: Path) -> dict[str, Any]:
-    """DDP with and without gradient_as_bucket_view: final params and optimizer state of every case."""
-    from torch.nn.parallel import DistributedDataParallel
+def scenario_ddp(out: Path) -> dict[str, Any]:
+    """DDP with and without gradient_as_bucket_view: final params and optimizer state of every case.
 
-    results: dict[str, Any] = {}
+    Also what the helpers saw: the world size, the wrapper `data_parallel` chose, and whether `rank_share`
+    refused a batch that does not split evenly.
+    """
+    try:
+        rank_share(torch.zeros(WORLD_SIZE + 1))
+        uneven_share_refused = False
+    except ValueError:
+        uneven_share_refused = True
+    results: dict[str, Any] = {"world_size": world_size(), "uneven_share_refused": uneven_share_refused}
     for key, case, execution in _runs():
         for bucket_view in (False, True):
-            model = DistributedDataParallel(build_model(), gradient_as_bucket_view=bucket_view)
+            model = data_parallel(build_model(), gradient_as_bucket_view=bucket_view)
             optimizer = case.make(model.parameters(), execution)
-            train(model, optimizer, case, range(STEPS), rank=rank, world_size=world_size)
+            train(model, optimizer, case, range(STEPS))
             results[f"{key}/bucket_view={bucket_view}"] = {
+                "wrapper": type(model).__name__,
                 "params": _detached(model.module.state_dict()),
                 "state": _full_state(optimizer.state_dict()["state"]),
             }
     return results
 
 
-def scenario_zero(rank: int, world_size: int, out: Path) -> dict[str, Any]:
+def scenario_zero(out: Path) -> dict[str, Any]:
     """DDP + ZeroRedundancyOptimizer(optimizer_class=adaptopt.X, **hyperparams).
 
     Per case: the params after STEPS uninterrupted steps; the consolidated state dict then (rank 0 only);
@@ -228,13 +230,14 @@ def scenario_zero(rank: int, world_size: int, out: Path) -> dict[str, Any]:
     state dict at the checkpoint, loaded on every rank, and continued to STEPS.
     """
     from torch.distributed.optim import ZeroRedundancyOptimizer
-    from torch.nn.parallel import DistributedDataParallel
+
+    rank = dist.get_rank()
 
     def make(case: Case, execution: str, model_state: dict[str, torch.Tensor] | None = None) -> tuple[Any, Any]:
         module = build_model()
         if model_state is not None:
             module.load_state_dict(model_state)
-        model = DistributedDataParallel(module)
+        model = data_parallel(module)
         optimizer = ZeroRedundancyOptimizer(
             model.parameters(), optimizer_class=case.optimizer_class, **case.kwargs(execution)
         )
@@ -244,7 +247,7 @@ def scenario_zero(rank: int, world_size: int, out: Path) -> dict[str, Any]:
     for key, case, execution in _runs():
         model, optimizer = make(case, execution)
         sharded = [len(group["params"]) for group in optimizer.optim.param_groups]
-        run = dict(rank=rank, world_size=world_size, hessian_optimizer=optimizer.optim)
+        run = dict(hessian_optimizer=optimizer.optim)
         train(model, optimizer, case, range(STEPS_BEFORE_CHECKPOINT), **run)
         optimizer.consolidate_state_dict(to=0)
         # state_dict() holds references to the live state (on CPU ZeRO does not even copy rank 0's own
@@ -262,7 +265,7 @@ def scenario_zero(rank: int, world_size: int, out: Path) -> dict[str, Any]:
         resumed_model, resumed_optimizer = make(case, execution, model_state)
         # ZeroRedundancyOptimizer.load_state_dict blanks the entries of other ranks in its argument.
         resumed_optimizer.load_state_dict(copy.deepcopy(optimizer_state))
-        resumed_run = dict(run, hessian_optimizer=resumed_optimizer.optim)
+        resumed_run = dict(hessian_optimizer=resumed_optimizer.optim)
         train(resumed_model, resumed_optimizer, case, range(STEPS_BEFORE_CHECKPOINT, STEPS), **resumed_run)
         results[key] = {
             "params": _detached(model.module.state_dict()),
@@ -275,7 +278,7 @@ def scenario_zero(rank: int, world_size: int, out: Path) -> dict[str, Any]:
     return results
 
 
-def scenario_fsdp(rank: int, world_size: int, out: Path) -> dict[str, Any]:
+def scenario_fsdp(out: Path) -> dict[str, Any]:
     """FSDP2 (fully_shard, DTensor params) with torch.distributed.checkpoint save and resume.
 
     Per case: the full params and optimizer state after STEPS uninterrupted steps, the local shapes of
@@ -302,11 +305,10 @@ def scenario_fsdp(rank: int, world_size: int, out: Path) -> dict[str, Any]:
         local_shapes = {
             name: tuple(p.to_local().shape) if isinstance(p, DTensor) else None for name, p in model.named_parameters()
         }
-        run = dict(rank=rank, world_size=world_size)
-        train(model, optimizer, case, range(STEPS_BEFORE_CHECKPOINT), **run)
+        train(model, optimizer, case, range(STEPS_BEFORE_CHECKPOINT))
         model_state, optimizer_state = get_state_dict(model, optimizer)
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=checkpoint_dir)
-        train(model, optimizer, case, range(STEPS_BEFORE_CHECKPOINT, STEPS), **run)
+        train(model, optimizer, case, range(STEPS_BEFORE_CHECKPOINT, STEPS))
         params = {name: _full(p) for name, p in model.named_parameters()}
         state = _full_state(optimizer.state_dict()["state"])
 
@@ -317,7 +319,7 @@ def scenario_fsdp(rank: int, world_size: int, out: Path) -> dict[str, Any]:
         set_state_dict(
             resumed_model, resumed_optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"]
         )
-        train(resumed_model, resumed_optimizer, case, range(STEPS_BEFORE_CHECKPOINT, STEPS), **run)
+        train(resumed_model, resumed_optimizer, case, range(STEPS_BEFORE_CHECKPOINT, STEPS))
         results[key] = {
             "params": params,
             "state": state,
@@ -328,37 +330,30 @@ def scenario_fsdp(rank: int, world_size: int, out: Path) -> dict[str, Any]:
     return results
 
 
-SCENARIOS: dict[str, Callable[[int, int, Path], dict[str, Any]]] = {
+# --------------------------------------------------------------------------------------------------
+# Workers for adaptopt.distributed.launch: module-level, so that the spawned processes can import them.
+
+
+def fail_on_rank_one() -> None:
+    if dist.get_rank() == 1:
+        raise ValueError("rank 1 fails on purpose")
+    time.sleep(600)  # rank 0 hangs: launch must stop it instead of waiting
+
+
+def sleep_past_timeout() -> None:
+    time.sleep(600)
+
+
+SCENARIOS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "ddp": scenario_ddp,
     "zero": scenario_zero,
     "fsdp": scenario_fsdp,
 }
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("scenario", choices=sorted(SCENARIOS))
-    parser.add_argument("--rank", type=int, required=True)
-    parser.add_argument("--world-size", type=int, required=True)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
-    # Two ranks share two cores: one thread each avoids oversubscription.
-    torch.set_num_threads(1)
-    # A rank whose peer died must fail within the test's time budget instead of waiting 30 minutes.
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{args.port}",
-        rank=args.rank,
-        world_size=args.world_size,
-        timeout=timedelta(seconds=60),
-    )
-    try:
-        results = SCENARIOS[args.scenario](args.rank, args.world_size, args.out)
-        torch.save(results, args.out / f"{args.scenario}-rank{args.rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def run_scenario(name: str, out: Path) -> list[dict[str, Any]]:
+    """Run scenario `name` on this rank; every rank's results, gathered (the launcher returns rank 0's)."""
+    results = SCENARIOS[name](out)
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results)
+    return gathered

@@ -1,9 +1,10 @@
 """adaptopt under torch.distributed: DDP, ZeroRedundancyOptimizer and FSDP2 with distributed checkpoints.
 
-Each test launches `distributed_worker.py` as two real processes (gloo, CPU, 127.0.0.1 on a free port)
-that train every optimizer in `CASES` with each rank taking half of every global batch, then compares
-what they end with against `single_process_run`: the same model trained on the whole batch in this
-process. One launch per scenario covers every optimizer, so the file costs three process-group start-ups.
+Each scenario test starts two real processes with `adaptopt.distributed.launch` (gloo, CPU, 127.0.0.1 on
+a free port) that run `distributed_worker.run_scenario`: every optimizer in `CASES`, each rank taking half
+of every global batch. It compares what they end with against `single_process_run`: the same model
+trained on the whole batch in this process. One launch per scenario covers every optimizer, so the file
+costs five process-group start-ups (three scenarios and two of the launcher's failure modes).
 
 Tolerance. All runs are float64. A data-parallel gradient is the mean of the ranks' half-batch means, a
 single-process gradient the mean over the whole batch: the same numbers summed in a different order,
@@ -17,10 +18,6 @@ against the uninterrupted one) the comparison is exact.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,68 +25,39 @@ import pytest
 import torch
 
 import adaptopt
+from adaptopt.distributed import launch
 from distributed_worker import (
     CASES,
     EXECUTIONS,
     STEPS,
     STEPS_BEFORE_CHECKPOINT,
+    WORLD_SIZE,
     build_model,
     covered_optimizers,
+    fail_on_rank_one,
+    run_scenario,
     single_process_run,
+    sleep_past_timeout,
     train,
 )
 
-WORKER = Path(__file__).with_name("distributed_worker.py")
-WORLD_SIZE = 2
 RTOL = ATOL = 1e-12
 LAUNCH_TIMEOUT_SECONDS = 120
-"""A hung collective must fail the test, not hang CI (the workers also time out their collectives)."""
+"""A hung rank must fail the test, not hang CI; a collective waiting for a dead peer fails sooner."""
+COLLECTIVE_TIMEOUT_SECONDS = 60
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _loopback_interface() -> str:
-    """The loopback interface's name ('lo' on Linux, 'lo0' on macOS), so gloo never leaves the machine."""
-    for _, name in socket.if_nameindex():
-        if name.startswith("lo"):
-            return name
-    raise RuntimeError("no loopback network interface found")
-
-
-def launch(scenario: str, out: Path) -> list[dict[str, Any]]:
-    """Run `scenario` on WORLD_SIZE ranks; return each rank's results, or fail with the ranks' output."""
-    port = _free_port()
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": _loopback_interface(), "OMP_NUM_THREADS": "1"}
-    logs = [out / f"{scenario}-rank{rank}.log" for rank in range(WORLD_SIZE)]
-    processes = []
-    for rank, log in enumerate(logs):
-        command = [sys.executable, str(WORKER), scenario, "--rank", str(rank), "--world-size", str(WORLD_SIZE)]
-        command += ["--port", str(port), "--out", str(out)]
-        with log.open("w") as sink:
-            processes.append(subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env))
-    failures = []
-    try:
-        for rank, process in enumerate(processes):
-            try:
-                code = process.wait(timeout=LAUNCH_TIMEOUT_SECONDS)
-            except subprocess.TimeoutExpired:
-                failures.append(f"rank {rank} still running after {LAUNCH_TIMEOUT_SECONDS} s")
-                break
-            if code != 0:
-                failures.append(f"rank {rank} exited with {code}")
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    if failures:
-        output = "\n".join(f"--- rank {rank} ---\n{log.read_text()[-4000:]}" for rank, log in enumerate(logs))
-        pytest.fail(f"{scenario}: {'; '.join(failures)}\n{output}")
-    return [torch.load(out / f"{scenario}-rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
+def launch_scenario(scenario: str, out: Path) -> list[dict[str, Any]]:
+    """Every rank's results of `scenario`."""
+    ranks: list[dict[str, Any]] = launch(
+        run_scenario,
+        WORLD_SIZE,
+        scenario,
+        out,
+        timeout=LAUNCH_TIMEOUT_SECONDS,
+        collective_timeout=COLLECTIVE_TIMEOUT_SECONDS,
+    )
+    return ranks
 
 
 @pytest.fixture(scope="module")
@@ -125,20 +93,24 @@ def test_cases_cover_every_optimizer() -> None:
 
 
 def test_ddp(tmp_path: Path, references: dict[str, Any]) -> None:
-    ranks = launch("ddp", tmp_path)
+    ranks = launch_scenario("ddp", tmp_path)
+    for results in ranks:
+        assert results["world_size"] == WORLD_SIZE
+        assert results["uneven_share_refused"]
     for case in CASES:
         expected_params, expected_state = references[case.label]
         for execution in EXECUTIONS:
             for bucket_view in (False, True):
                 key = f"{case.label}/{execution}/bucket_view={bucket_view}"
                 first, second = (results[key] for results in ranks)
+                assert first["wrapper"] == second["wrapper"] == "DistributedDataParallel"
                 assert_equal_tensors(second["params"], first["params"], f"{key}: rank 1 against rank 0")
                 assert_close_tensors(first["params"], expected_params, f"{key}: params")
                 assert_close_state(first["state"], expected_state, f"{key}: optimizer state")
 
 
 def test_zero_redundancy_optimizer(tmp_path: Path, references: dict[str, Any]) -> None:
-    ranks = launch("zero", tmp_path)
+    ranks = launch_scenario("zero", tmp_path)
     for case in CASES:
         expected_params, expected_state = references[case.label]
         for execution in EXECUTIONS:
@@ -164,7 +136,7 @@ def test_zero_redundancy_optimizer(tmp_path: Path, references: dict[str, Any]) -
 
 
 def test_fsdp2_and_distributed_checkpoint(tmp_path: Path, references: dict[str, Any]) -> None:
-    ranks = launch("fsdp", tmp_path)
+    ranks = launch_scenario("fsdp", tmp_path)
     for case in CASES:
         expected_params, expected_state = references[case.label]
         for execution in EXECUTIONS:
@@ -186,3 +158,19 @@ def test_fsdp2_and_distributed_checkpoint(tmp_path: Path, references: dict[str, 
                         f"{key} rank {rank}: resumed state of param {index}",
                     )
                     assert run["resumed_state"][index]["step"] == entry["step"]
+
+
+def test_launch_reports_a_failing_rank_and_stops_the_hung_one() -> None:
+    with pytest.raises(RuntimeError, match=r"rank 1 failed:(.|\n)*ValueError: rank 1 fails on purpose"):
+        launch(fail_on_rank_one, WORLD_SIZE, timeout=LAUNCH_TIMEOUT_SECONDS)
+
+
+def test_launch_kills_ranks_that_outlive_the_timeout() -> None:
+    with pytest.raises(TimeoutError, match=r"ranks \[0, 1\] had not finished"):
+        launch(sleep_past_timeout, WORLD_SIZE, timeout=5)
+
+
+@pytest.mark.parametrize("nproc", [0, -1, 1.5, True])
+def test_launch_rejects_a_bad_process_count(nproc: Any) -> None:
+    with pytest.raises(ValueError, match="nproc"):
+        launch(sleep_past_timeout, nproc)
