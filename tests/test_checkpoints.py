@@ -22,6 +22,7 @@ from dropin_support import (
     assert_same_params,
     make_model,
     make_optimizer,
+    reference_execution,
     snapshot,
     train,
 )
@@ -37,19 +38,21 @@ def through_disk(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return loaded
 
 
-# Plain float64; bf16 params with fp32 master weights (the masters travel in the checkpoint); fp32 params
-# with moments stored in bf16.
-VARIANTS: dict[str, tuple[torch.dtype, dict[str, Any]]] = {
-    "float64": (torch.float64, {}),
-    "bf16-master-weights": (torch.bfloat16, {"master_weights": True}),
-    "bf16-state": (torch.float32, {"state_dtype": torch.bfloat16}),
+# Plain float64 (the default execution); bf16 params with fp32 master weights (the masters travel in the
+# checkpoint); fp32 params with moments stored in bf16; and a checkpoint of the default execution resumed by
+# the reference execution.
+VARIANTS: dict[str, tuple[torch.dtype, dict[str, Any], dict[str, Any]]] = {
+    "float64": (torch.float64, {}, {}),
+    "bf16-master-weights": (torch.bfloat16, {"master_weights": True}, {}),
+    "bf16-state": (torch.float32, {"state_dtype": torch.bfloat16}, {}),
+    "resumed-by-reference": (torch.float64, {}, reference_execution()),
 }
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("name", NAMES)
 def test_resume_is_bitwise_identical_to_never_stopping(name: str, variant: str) -> None:
-    dtype, options = VARIANTS[variant]
+    dtype, options, resumed_options = VARIANTS[variant]
     uninterrupted = make_model(dtype)
     optimizer = make_optimizer(name, uninterrupted.parameters(), **options)
     train(uninterrupted, optimizer, range(BEFORE))
@@ -58,7 +61,7 @@ def test_resume_is_bitwise_identical_to_never_stopping(name: str, variant: str) 
 
     resumed = make_model(dtype, seed=1)  # different initial values: everything must come from the checkpoint
     resumed.load_state_dict(checkpoint["model"])
-    fresh = make_optimizer(name, resumed.parameters(), **options)
+    fresh = make_optimizer(name, resumed.parameters(), **options, **resumed_options)
     fresh.load_state_dict(checkpoint["optimizer"])
     train(resumed, fresh, range(BEFORE, BEFORE + AFTER))
 
