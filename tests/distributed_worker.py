@@ -140,24 +140,27 @@ def train(
     steps: range,
     *,
     hessian_optimizer: adaptopt.GenericAdaptiveOptimizer | None = None,
+    set_to_none: bool = True,
 ) -> None:
     """Train over `steps` of the global schedule; each rank sees its share of every global batch.
 
     Under data parallelism the gradient is the mean over the *global* batch (DDP and FSDP average the
-    ranks' means), so Sophia's `update_hessian` is given the global batch size.
+    ranks' means), so Sophia's `update_hessian` is given the global batch size. `set_to_none=False`
+    keeps the grad tensors from step to step: the bucketed execution then owns them (or, under DDP's
+    gradient_as_bucket_view, must leave DDP's views alone).
     """
     for step in steps:
         batch = global_batch(step).share()
         F.cross_entropy(model(batch.inputs), batch.targets).backward()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=set_to_none)
         if case.estimates_hessian and step % HESSIAN_EVERY == HESSIAN_EVERY - 1:
             logits = model(batch.inputs)
             F.cross_entropy(logits, sampled_labels(logits, batch.uniforms)).backward()
             target = hessian_optimizer if hessian_optimizer is not None else optimizer
             assert isinstance(target, adaptopt.Sophia)
             target.update_hessian(GLOBAL_BATCH)
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=set_to_none)
 
 
 def single_process_run(case: Case) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, Any]]]:
@@ -197,8 +200,12 @@ def _runs() -> Iterator[tuple[str, Case, str]]:
 # Scenarios: each returns {key: result}; the test reads the keys documented here.
 
 
+DDP_GRAD_MODES = tuple((bucket_view, set_to_none) for bucket_view in (False, True) for set_to_none in (True, False))
+"""(gradient_as_bucket_view, zero_grad's set_to_none): whose tensors the grads are, DDP's or autograd's."""
+
+
 def scenario_ddp(out: Path) -> dict[str, Any]:
-    """DDP with and without gradient_as_bucket_view: final params and optimizer state of every case.
+    """DDP in each of DDP_GRAD_MODES: final params and optimizer state of every case.
 
     Also what the helpers saw: the world size, the wrapper `data_parallel` chose, and whether `rank_share`
     refused a batch that does not split evenly.
@@ -210,11 +217,11 @@ def scenario_ddp(out: Path) -> dict[str, Any]:
         uneven_share_refused = True
     results: dict[str, Any] = {"world_size": world_size(), "uneven_share_refused": uneven_share_refused}
     for key, case, execution in _runs():
-        for bucket_view in (False, True):
+        for bucket_view, set_to_none in DDP_GRAD_MODES:
             model = data_parallel(build_model(), gradient_as_bucket_view=bucket_view)
             optimizer = case.make(model.parameters(), execution)
-            train(model, optimizer, case, range(STEPS))
-            results[f"{key}/bucket_view={bucket_view}"] = {
+            train(model, optimizer, case, range(STEPS), set_to_none=set_to_none)
+            results[f"{key}/bucket_view={bucket_view}/set_to_none={set_to_none}"] = {
                 "wrapper": type(model).__name__,
                 "params": _detached(model.module.state_dict()),
                 "state": _full_state(optimizer.state_dict()["state"]),
@@ -223,7 +230,8 @@ def scenario_ddp(out: Path) -> dict[str, Any]:
 
 
 def scenario_zero(out: Path) -> dict[str, Any]:
-    """DDP + ZeroRedundancyOptimizer(optimizer_class=adaptopt.X, **hyperparams).
+    """DDP + ZeroRedundancyOptimizer(optimizer_class=adaptopt.X, **hyperparams), with and without
+    parameters_as_bucket_view (ZeRO's own contiguous buffers, which the params are views of).
 
     Per case: the params after STEPS uninterrupted steps; the consolidated state dict then (rank 0 only);
     and the params of a second run that was rebuilt from the consolidated state dict and the model's
@@ -233,48 +241,53 @@ def scenario_zero(out: Path) -> dict[str, Any]:
 
     rank = dist.get_rank()
 
-    def make(case: Case, execution: str, model_state: dict[str, torch.Tensor] | None = None) -> tuple[Any, Any]:
+    def make(case: Case, execution: str, bucket_view: bool, model_state: dict[str, Any] | None = None) -> Any:
         module = build_model()
         if model_state is not None:
             module.load_state_dict(model_state)
         model = data_parallel(module)
         optimizer = ZeroRedundancyOptimizer(
-            model.parameters(), optimizer_class=case.optimizer_class, **case.kwargs(execution)
+            model.parameters(),
+            optimizer_class=case.optimizer_class,
+            parameters_as_bucket_view=bucket_view,
+            **case.kwargs(execution),
         )
         return model, optimizer
 
     results: dict[str, Any] = {}
-    for key, case, execution in _runs():
-        model, optimizer = make(case, execution)
-        sharded = [len(group["params"]) for group in optimizer.optim.param_groups]
-        run = dict(hessian_optimizer=optimizer.optim)
-        train(model, optimizer, case, range(STEPS_BEFORE_CHECKPOINT), **run)
-        optimizer.consolidate_state_dict(to=0)
-        # state_dict() holds references to the live state (on CPU ZeRO does not even copy rank 0's own
-        # share), so the checkpoint is copied, as torch.save would, before training goes on.
-        checkpoint = [
-            copy.deepcopy(optimizer.state_dict()) if rank == 0 else None,
-            _detached(model.module.state_dict()),
-        ]
-        dist.broadcast_object_list(checkpoint, src=0)
-        optimizer_state, model_state = checkpoint
-        train(model, optimizer, case, range(STEPS_BEFORE_CHECKPOINT, STEPS), **run)
-        optimizer.consolidate_state_dict(to=0)
-        final_state = optimizer.state_dict() if rank == 0 else None
+    for run_key, case, execution in _runs():
+        for bucket_view in (False, True):
+            key = f"{run_key}/bucket_view={bucket_view}"
+            model, optimizer = make(case, execution, bucket_view)
+            sharded = [len(group["params"]) for group in optimizer.optim.param_groups]
+            run = dict(hessian_optimizer=optimizer.optim)
+            train(model, optimizer, case, range(STEPS_BEFORE_CHECKPOINT), **run)
+            optimizer.consolidate_state_dict(to=0)
+            # state_dict() holds references to the live state (on CPU ZeRO does not even copy rank 0's own
+            # share), so the checkpoint is copied, as torch.save would, before training goes on.
+            checkpoint = [
+                copy.deepcopy(optimizer.state_dict()) if rank == 0 else None,
+                _detached(model.module.state_dict()),
+            ]
+            dist.broadcast_object_list(checkpoint, src=0)
+            optimizer_state, model_state = checkpoint
+            train(model, optimizer, case, range(STEPS_BEFORE_CHECKPOINT, STEPS), **run)
+            optimizer.consolidate_state_dict(to=0)
+            final_state = optimizer.state_dict() if rank == 0 else None
 
-        resumed_model, resumed_optimizer = make(case, execution, model_state)
-        # ZeroRedundancyOptimizer.load_state_dict blanks the entries of other ranks in its argument.
-        resumed_optimizer.load_state_dict(copy.deepcopy(optimizer_state))
-        resumed_run = dict(hessian_optimizer=resumed_optimizer.optim)
-        train(resumed_model, resumed_optimizer, case, range(STEPS_BEFORE_CHECKPOINT, STEPS), **resumed_run)
-        results[key] = {
-            "params": _detached(model.module.state_dict()),
-            "local_params": sharded,
-            "state_dict": final_state,
-            "checkpoint_state_dict": optimizer_state if rank == 0 else None,
-            "checkpoint_params": model_state,
-            "resumed_params": _detached(resumed_model.module.state_dict()),
-        }
+            resumed_model, resumed_optimizer = make(case, execution, bucket_view, model_state)
+            # ZeroRedundancyOptimizer.load_state_dict blanks the entries of other ranks in its argument.
+            resumed_optimizer.load_state_dict(copy.deepcopy(optimizer_state))
+            resumed_run = dict(hessian_optimizer=resumed_optimizer.optim)
+            train(resumed_model, resumed_optimizer, case, range(STEPS_BEFORE_CHECKPOINT, STEPS), **resumed_run)
+            results[key] = {
+                "params": _detached(model.module.state_dict()),
+                "local_params": sharded,
+                "state_dict": final_state,
+                "checkpoint_state_dict": optimizer_state if rank == 0 else None,
+                "checkpoint_params": model_state,
+                "resumed_params": _detached(resumed_model.module.state_dict()),
+            }
     return results
 
 

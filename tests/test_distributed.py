@@ -18,6 +18,7 @@ against the uninterrupted one) the comparison is exact.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import adaptopt
 from adaptopt.distributed import launch
 from distributed_worker import (
     CASES,
+    DDP_GRAD_MODES,
     EXECUTIONS,
     STEPS,
     STEPS_BEFORE_CHECKPOINT,
@@ -100,8 +102,8 @@ def test_ddp(tmp_path: Path, references: dict[str, Any]) -> None:
     for case in CASES:
         expected_params, expected_state = references[case.label]
         for execution in EXECUTIONS:
-            for bucket_view in (False, True):
-                key = f"{case.label}/{execution}/bucket_view={bucket_view}"
+            for bucket_view, set_to_none in DDP_GRAD_MODES:
+                key = f"{case.label}/{execution}/bucket_view={bucket_view}/set_to_none={set_to_none}"
                 first, second = (results[key] for results in ranks)
                 assert first["wrapper"] == second["wrapper"] == "DistributedDataParallel"
                 assert_equal_tensors(second["params"], first["params"], f"{key}: rank 1 against rank 0")
@@ -113,8 +115,8 @@ def test_zero_redundancy_optimizer(tmp_path: Path, references: dict[str, Any]) -
     ranks = launch_scenario("zero", tmp_path)
     for case in CASES:
         expected_params, expected_state = references[case.label]
-        for execution in EXECUTIONS:
-            key = f"{case.label}/{execution}"
+        for execution, bucket_view in itertools.product(EXECUTIONS, (False, True)):
+            key = f"{case.label}/{execution}/bucket_view={bucket_view}"
             first, second = (results[key] for results in ranks)
             # Each rank's local optimizer holds a non-empty share of the params, together all of them.
             assert all(first["local_params"]) and all(second["local_params"]), key
