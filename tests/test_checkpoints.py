@@ -110,40 +110,43 @@ def assert_continues_alike(actual: torch.nn.Module, expected: torch.nn.Module, t
         torch.testing.assert_close(a, e, rtol=1e-13, atol=0)
 
 
+def hand_over(
+    make_first: Factory, make_second: Factory
+) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer, dict[str, Any]]:
+    """Train with `make_first`, checkpoint, train on; resume the checkpoint with `make_second`, train on.
+
+    Returns both models, the second optimizer and the checkpoint.
+    """
+    first_model = make_model()
+    first = make_first(first_model.parameters())
+    train(first_model, first, range(BEFORE))
+    checkpoint = through_disk({"model": first_model.state_dict(), "optimizer": first.state_dict()})
+    train(first_model, first, range(BEFORE, BEFORE + AFTER))
+
+    second_model = make_model(seed=1)
+    second_model.load_state_dict(checkpoint["model"])
+    second = make_second(second_model.parameters())
+    second.load_state_dict(checkpoint["optimizer"])
+    steps_at_load = [state["step"] for state in second.state.values()]
+    train(second_model, second, range(BEFORE, BEFORE + AFTER))
+    return first_model, second_model, second, {**checkpoint, "steps_at_load": steps_at_load}
+
+
 @pytest.mark.parametrize("twin", sorted(TORCH_TWINS))
 def test_torch_checkpoint_loads_into_ours_and_training_continues_identically(twin: str) -> None:
     make_theirs, make_ours = TORCH_TWINS[twin]
-    theirs_model = make_model()
-    theirs = make_theirs(theirs_model.parameters())
-    train(theirs_model, theirs, range(BEFORE))
-    checkpoint = through_disk({"model": theirs_model.state_dict(), "optimizer": theirs.state_dict()})
+    theirs_model, ours_model, _, checkpoint = hand_over(make_theirs, make_ours)
     assert isinstance(checkpoint["optimizer"]["state"][0]["step"], torch.Tensor)  # torch's float32 step
-    train(theirs_model, theirs, range(BEFORE, BEFORE + AFTER))
-
-    ours_model = make_model(seed=1)
-    ours_model.load_state_dict(checkpoint["model"])
-    ours = make_ours(ours_model.parameters())
-    ours.load_state_dict(checkpoint["optimizer"])
     # The step becomes an int again, so the bias corrections stay in float64 arithmetic.
-    assert all(type(state["step"]) is int and state["step"] == BEFORE for state in ours.state.values())
-    train(ours_model, ours, range(BEFORE, BEFORE + AFTER))
+    assert all(type(step) is int and step == BEFORE for step in checkpoint["steps_at_load"])
     assert_continues_alike(ours_model, theirs_model, twin)
 
 
 @pytest.mark.parametrize("twin", sorted(TORCH_TWINS))
 def test_our_checkpoint_loads_into_torch_and_training_continues_identically(twin: str) -> None:
     make_theirs, make_ours = TORCH_TWINS[twin]
-    ours_model = make_model()
-    ours = make_ours(ours_model.parameters())
-    train(ours_model, ours, range(BEFORE))
-    checkpoint = through_disk({"model": ours_model.state_dict(), "optimizer": ours.state_dict()})
-    train(ours_model, ours, range(BEFORE, BEFORE + AFTER))
-
-    theirs_model = make_model(seed=1)
-    theirs_model.load_state_dict(checkpoint["model"])
-    theirs = make_theirs(theirs_model.parameters())
-    theirs.load_state_dict(checkpoint["optimizer"])
-    train(theirs_model, theirs, range(BEFORE, BEFORE + AFTER))
+    ours_model, theirs_model, theirs, _ = hand_over(make_ours, make_theirs)
+    assert all(isinstance(state["step"], torch.Tensor) for state in theirs.state.values())
     assert_continues_alike(theirs_model, ours_model, twin)
 
 
