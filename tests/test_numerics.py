@@ -142,7 +142,21 @@ TORCH_CASES: dict[str, tuple[Factory, Factory]] = {
 @pytest.mark.parametrize("case", sorted(TORCH_CASES))
 def test_matches_torch_optim(problem: Problem, compare_runs: Any, case: str) -> None:
     ours, theirs = TORCH_CASES[case]
-    compare_runs(TorchRun(problem, ours), TorchRun(problem, theirs), reference="torch.optim")
+    ours_run, theirs_run = TorchRun(problem, ours), TorchRun(problem, theirs)
+    compare_runs(ours_run, theirs_run, reference="torch.optim")
+    assert_same_state(ours_run, theirs_run, {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"})
+
+
+def assert_same_state(ours: TorchRun, theirs: TorchRun, names: set[str]) -> None:
+    """The moments, under their shared names, agree at the end of the run as the params did at every step."""
+    for mine, other in zip(ours.params, theirs.params, strict=True):
+        my_state, their_state = ours.optimizer.state[mine], theirs.optimizer.state[other]
+        shared = names & my_state.keys()
+        assert shared and shared == names & their_state.keys()
+        for name in shared:
+            deviation = relative_deviation(my_state[name], their_state[name])
+            assert deviation <= 1e-10, f"state {name!r}: relative deviation {deviation:.3g}"
+        assert my_state["step"] == int(their_state["step"]) == STEPS
 
 
 def test_torch_optim_comparison_can_fail(problem: Problem) -> None:
@@ -194,11 +208,10 @@ ADABELIEF_CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 def test_matches_official_adabelief(problem: Problem, compare_runs: Any, case: str, eps: float) -> None:
     ours_kwargs, theirs_kwargs = ADABELIEF_CASES[case]
     common = {"lr": LR, "betas": (0.9, 0.999), "eps": eps}
-    compare_runs(
-        TorchRun(problem, lambda p: AdaBelief(p, **common, **ours_kwargs)),
-        TorchRun(problem, lambda p: official_adabelief(p, **common, **theirs_kwargs)),
-        reference="adabelief_pytorch",
-    )
+    ours = TorchRun(problem, lambda p: AdaBelief(p, **common, **ours_kwargs))
+    theirs = TorchRun(problem, lambda p: official_adabelief(p, **common, **theirs_kwargs))
+    compare_runs(ours, theirs, reference="adabelief_pytorch")
+    assert_same_state(ours, theirs, {"exp_avg", "exp_avg_var", "max_exp_avg_var"})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,6 +259,11 @@ def test_matches_official_sophia(problem: Problem, compare_runs: Any, decay: flo
         update_hessian=update_theirs,
     )
     compare_runs(ours, theirs, reference="sophia_opt")
+    assert_same_state(ours, theirs, {"exp_avg"})
+    # Their hessian is ours divided by B (they multiply by B at every step instead).
+    for mine, other in zip(ours.params, theirs.params, strict=True):
+        their_hessian = SOPHIA_BATCH * theirs.optimizer.state[other]["hessian"]
+        assert relative_deviation(ours.optimizer.state[mine]["hessian"], their_hessian) <= 1e-10
     # Both branches of the clip, min(|m| / (rho (h + eps)), 1), were taken and compared.
     assert clipped[True] > 0 and clipped[False] > 0, clipped
 
