@@ -100,6 +100,12 @@ def test_a_scheduler_drives_every_optimizer(name: str, scheduler: str) -> None:
         replayed.param_groups[0].update(lr=lr, betas=(beta1, replayed.param_groups[0]["betas"][1]))
         train(replayed_model, replayed, range(step, step + 1))
     assert_same_params(scheduled_model, replayed_model)
+    # And the schedule took effect: without it the run ends elsewhere.
+    unscheduled_model = make_model()
+    train(unscheduled_model, make_optimizer(name, unscheduled_model.parameters(), lr=1e-2), range(STEPS))
+    assert any(
+        not torch.equal(p, q) for p, q in zip(unscheduled_model.parameters(), scheduled_model.parameters(), strict=True)
+    )
 
 
 # --------------------------------------------------------------------------------------------------
