@@ -38,6 +38,7 @@ from adaptopt import (
     RAdam,
     Sophia,
     WeightDecay,
+    functional,
     schedules,
 )
 from conftest import BATCH, OPTIMIZER_CLASSES, PROBLEMS, STEPS, Problem, ReferenceRun, TorchRun, relative_deviation
@@ -381,6 +382,23 @@ def test_schedule_functions_match_papers(ours: Callable[[int], float], paper: Ca
     # schedules take k = steps already taken (LambdaLR's convention); the papers count the update t = k + 1.
     for k in range(100):
         assert ours(k) == pytest.approx(paper(k + 1), rel=1e-12, abs=0.0), f"k={k}"
+
+
+@pytest.mark.parametrize("beta2", [0.9, 0.99, 0.999, 0.9999])
+def test_rectification_term_matches_the_paper(beta2: float) -> None:
+    """r_t from Liu et al. (2020), Algorithm 2, with torch's threshold rho_t > 5 and AdaBelief's rho_t >= 5."""
+    tractable_steps = 0
+    for t in range(1, 400):
+        rho_t, r_t = ref.rectifier(beta2, t)
+        for inclusive, tractable in ((False, rho_t > 5.0), (True, rho_t >= 5.0)):
+            ours = functional.rectification(beta2, t, inclusive=inclusive)
+            if tractable:
+                assert ours == pytest.approx(r_t, rel=1e-12, abs=0.0), f"t={t}"
+            else:
+                assert ours is None, f"t={t}: rho_t = {rho_t} is not past the threshold"
+        tractable_steps += rho_t > 5.0
+    # Both sides of the threshold were seen.
+    assert 0 < tractable_steps < 399
 
 
 def test_cosine_schedule_reaches_its_floor_and_warmup_its_peak() -> None:
