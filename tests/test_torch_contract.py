@@ -50,7 +50,9 @@ SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer], Any]] = {
     "ChainedScheduler": lambda o: lr_scheduler.ChainedScheduler(
         [lr_scheduler.ExponentialLR(o, gamma=0.9), lr_scheduler.StepLR(o, step_size=3, gamma=0.5)]
     ),
+    "SWALR": lambda o: torch.optim.swa_utils.SWALR(o, swa_lr=0.05, anneal_epochs=3),
 }
+assert set(lr_scheduler.__all__) - {"LRScheduler"} <= set(SCHEDULERS), "a torch scheduler is not tested"
 
 
 def train_scheduled(
