@@ -222,18 +222,35 @@ HESSIAN_EVERY = 5
 SOPHIA_BATCH = BATCH  # B: the examples in the batch the Hessian estimate was computed on
 
 
+def our_sophia_run(problem: Problem, make_optimizer: Factory, **options: Any) -> TorchRun:
+    """Our Sophia in Sophia-G's training loop: `update_hessian(B)` after every k-th step."""
+
+    def update_hessian(optimizer: Any) -> None:
+        optimizer.update_hessian(SOPHIA_BATCH)
+
+    return TorchRun(problem, make_optimizer, hessian_every=HESSIAN_EVERY, update_hessian=update_hessian, **options)
+
+
+def official_sophia_run(problem: Problem, make_optimizer: Factory) -> TorchRun:
+    """The official loop: `step(bs=B)` every step, `update_hessian()` after every k-th."""
+
+    def update_hessian(optimizer: Any) -> None:
+        optimizer.update_hessian()
+
+    return TorchRun(
+        problem,
+        make_optimizer,
+        step_kwargs={"bs": SOPHIA_BATCH},
+        hessian_every=HESSIAN_EVERY,
+        update_hessian=update_hessian,
+    )
+
+
 @pytest.mark.parametrize(
     ("decay", "rho", "maximize"), [(0.0, 0.04, False), (0.1, 0.04, False), (0.0, 1.0, False), (0.1, 1.0, True)]
 )
 def test_matches_official_sophia(problem: Problem, compare_runs: Any, decay: float, rho: float, maximize: bool) -> None:
     betas = (0.965, 0.99)
-
-    def update_ours(optimizer: Any) -> None:
-        optimizer.update_hessian(SOPHIA_BATCH)
-
-    def update_theirs(optimizer: Any) -> None:
-        optimizer.update_hessian()
-
     clipped = {True: 0, False: 0}
 
     def count_clipped(optimizer: Any) -> None:
@@ -242,22 +259,16 @@ def test_matches_official_sophia(problem: Problem, compare_runs: Any, decay: flo
             clipped[True] += int((ratio >= 1).sum())
             clipped[False] += int((ratio < 1).sum())
 
-    ours = TorchRun(
+    ours = our_sophia_run(
         problem,
         # Their denominator is rho * B * h + 1e-15, ours rho * (B h + eps): eps = 1e-15 / rho makes them one.
         lambda p: Sophia(
             p, lr=LR, betas=betas, rho=rho, eps=1e-15 / rho, weight_decay=WeightDecay(decay), maximize=maximize
         ),
-        hessian_every=HESSIAN_EVERY,
-        update_hessian=update_ours,
         after_step=count_clipped,
     )
-    theirs = TorchRun(
-        problem,
-        lambda p: sophia_opt.SophiaG(p, lr=LR, betas=betas, rho=rho, weight_decay=decay, maximize=maximize),
-        step_kwargs={"bs": SOPHIA_BATCH},
-        hessian_every=HESSIAN_EVERY,
-        update_hessian=update_theirs,
+    theirs = official_sophia_run(
+        problem, lambda p: sophia_opt.SophiaG(p, lr=LR, betas=betas, rho=rho, weight_decay=decay, maximize=maximize)
     )
     compare_runs(ours, theirs, reference="sophia_opt")
     assert_same_state(ours, theirs, {"exp_avg"})
@@ -520,12 +531,8 @@ def reference_runs(problem: Problem, ours: Factory, oracle: ref.Reference) -> tu
     """Our optimizer and its oracle; Sophia gets its Hessian estimate every few steps in both."""
     if not isinstance(oracle, ref.Sophia):
         return TorchRun(problem, ours), ReferenceRun(problem, oracle)
-
-    def update_ours(optimizer: Any) -> None:
-        optimizer.update_hessian(SOPHIA_BATCH)
-
     return (
-        TorchRun(problem, ours, hessian_every=HESSIAN_EVERY, update_hessian=update_ours),
+        our_sophia_run(problem, ours),
         ReferenceRun(problem, oracle, hessian_every=HESSIAN_EVERY, batch=SOPHIA_BATCH),
     )
 
@@ -582,17 +589,11 @@ ORACLE_CHECKS: dict[str, tuple[Callable[[], ref.Reference], Factory]] = {
 def test_reference_loops_agree_with_independent_implementations(problem: Problem, compare_runs: Any, case: str) -> None:
     oracle, independent = ORACLE_CHECKS[case]
     if case == "sophia":
-        theirs = TorchRun(
-            problem,
-            independent,
-            step_kwargs={"bs": SOPHIA_BATCH},
-            hessian_every=HESSIAN_EVERY,
-            update_hessian=lambda optimizer: optimizer.update_hessian(),  # type: ignore[attr-defined]
-        )
+        theirs = official_sophia_run(problem, independent)
         oracle_run = ReferenceRun(problem, oracle(), hessian_every=HESSIAN_EVERY, batch=SOPHIA_BATCH)
     else:
         theirs, oracle_run = TorchRun(problem, independent), ReferenceRun(problem, oracle())
-    # compare_runs moves its first argument's problem params; the oracle goes first so both are checked.
+    # compare_runs also asserts that its first run moved the params: the oracle goes first.
     compare_runs(oracle_run, theirs, reference="reference.py vs independent")
 
 
