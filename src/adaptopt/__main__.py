@@ -1,0 +1,5 @@
+"""`python -m adaptopt` is the `adaptopt` command."""
+
+from .experiments.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,261 @@
+"""The `adaptopt` command: `list`, `mnist` (the optimizer comparison) and `synthetic` (the papers' problems).
+
+See docs/experiments.md for every option, the per-optimizer defaults and the results.json schema.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import registry
+from . import data
+from .config import DEFAULT_HYPERPARAMETERS, ConfigError, RunConfig, parse_overrides, resolve_hyperparameters
+from .train import CheckpointError, Interrupted, OptimizerRun
+
+__all__ = ["build_parser", "main"]
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adaptopt", description="Compare the adaptopt optimizers on MNIST and on the papers' synthetic problems."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    commands.add_parser("list", help="every optimizer with its description, paper and defaults")
+
+    mnist = commands.add_parser(
+        "mnist",
+        help="train the seed's CNN once per optimizer and compare them",
+        description="Train the seed's CNN with each optimizer from the same initial weights on the same data "
+        "order, evaluate on the test set every epoch, and write results.json, results.md, loss.png and "
+        "accuracy.png to --out.",
+    )
+    mnist.add_argument(
+        "--optimizers",
+        default=",".join(registry.available()),
+        help="comma-separated names (default: all: %(default)s)",
+    )
+    mnist.add_argument(
+        "--dataset",
+        choices=sorted(data.DATASETS),
+        default=None,
+        help="default: MNIST if present or downloadable, else Fashion-MNIST",
+    )
+    mnist.add_argument("--data-dir", type=Path, default=None, help="look here first for the IDX files")
+    mnist.add_argument("--epochs", type=_positive_int, default=10)
+    mnist.add_argument("--batch-size", type=_positive_int, default=128)
+    mnist.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="NAME.KEY=VALUE",
+        help="override a hyper-parameter, e.g. --set adam.lr=3e-4 --set sophia.rho=0.05 (repeatable)",
+    )
+    mnist.add_argument("--seed", type=int, default=0)
+    mnist.add_argument("--limit-train", type=_positive_int, default=None, help="use the first N training images")
+    mnist.add_argument("--limit-test", type=_positive_int, default=None, help="use the first N test images")
+    mnist.add_argument("--out", type=Path, default=Path("runs/mnist"), help="output directory (default: %(default)s)")
+    mnist.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    mnist.add_argument("--overwrite", action="store_true", help="discard a run already saved in --out")
+    mnist.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    mnist.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch CPU threads (default: torch's choice); 1 is several times faster when other work shares the CPU",
+    )
+    mnist.add_argument(
+        "--hessian-every",
+        type=_positive_int,
+        default=10,
+        metavar="K",
+        help="Sophia: estimate the Hessian every K steps (default: %(default)s)",
+    )
+
+    data_command = commands.add_parser(
+        "data",
+        help="find (or download) the dataset `mnist` would use and say where it is",
+        description="Exits 1 with the offline message, saying how to get the data, when none is available.",
+    )
+    data_command.add_argument("--dataset", choices=sorted(data.DATASETS), default=None)
+    data_command.add_argument("--data-dir", type=Path, default=None)
+
+    synthetic = commands.add_parser(
+        "synthetic",
+        help="the AMSGrad paper's online counterexample and Rosenbrock, with every optimizer",
+    )
+    synthetic.add_argument("--out", type=Path, default=Path("runs/synthetic"))
+    synthetic.add_argument("--steps", type=_positive_int, default=None, help="override each problem's step count")
+    synthetic.add_argument("--optimizers", default=",".join(registry.available()))
+    return parser
+
+
+def _optimizer_names(text: str) -> list[str]:
+    names: list[str] = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        try:
+            name = registry.describe(part.strip()).name
+        except ValueError as error:
+            raise ConfigError(f"--optimizers: {error}") from None
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise ConfigError("--optimizers: give at least one optimizer")
+    return names
+
+
+def command_list() -> int:
+    for name in registry.available():
+        info = registry.describe(name)
+        print(f"{name}: {info.summary}")
+        print(f"    paper:    {info.paper}")
+        defaults = ", ".join(f"{key}={value!r}" for key, value in info.defaults.items())
+        print(f"    defaults: {defaults}")
+        if name in DEFAULT_HYPERPARAMETERS:
+            mnist = ", ".join(f"{key}={value!r}" for key, value in DEFAULT_HYPERPARAMETERS[name].items())
+            print(f"    mnist:    {mnist or 'schedule sized to the run (see docs/experiments.md)'}")
+    return 0
+
+
+def _device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError as error:
+        raise ConfigError(f"--device {text!r}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {text!r}: CUDA is not available here; use --device cpu")
+    return device
+
+
+def _load_data(args: argparse.Namespace) -> data.LoadedDataset:
+    """The dataset of --dataset, or the default one (saying which and why), from --data-dir or the search path."""
+    dataset_name = args.dataset
+    if dataset_name is None:
+        dataset_name, why = data.resolve_default_dataset(args.data_dir, fetcher=data.urllib_fetcher)
+        print(f"dataset: {data.DATASETS[dataset_name].title} ({why}; choose with --dataset)")
+    return data.load_dataset(dataset_name, args.data_dir, fetcher=data.urllib_fetcher)
+
+
+def command_data(args: argparse.Namespace) -> int:
+    dataset = _load_data(args)
+    print(f"{dataset.spec.name} {dataset.directory}")
+    return 0
+
+
+def command_mnist(args: argparse.Namespace) -> int:
+    from . import report, train
+
+    optimizers = _optimizer_names(args.optimizers)
+    overrides = parse_overrides(args.settings, optimizers)
+    device = _device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    dataset = _load_data(args)
+    dataset_name = dataset.spec.name
+    train_images, train_labels = dataset.train_images, dataset.train_labels
+    test_images, test_labels = dataset.test_images, dataset.test_labels
+    if args.limit_train is not None:
+        train_images, train_labels = train_images[: args.limit_train], train_labels[: args.limit_train]
+    if args.limit_test is not None:
+        test_images, test_labels = test_images[: args.limit_test], test_labels[: args.limit_test]
+    print(
+        f"{dataset.spec.title} from {dataset.directory}: {len(train_labels)} training and {len(test_labels)} "
+        f"test images; {len(optimizers)} optimizers x {args.epochs} epochs"
+    )
+    total_steps = args.epochs * math.ceil(len(train_labels) / args.batch_size)
+    config = RunConfig(
+        dataset=dataset_name,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        limit_train=args.limit_train,
+        limit_test=args.limit_test,
+        hessian_every=args.hessian_every,
+        optimizers=tuple(optimizers),
+        hyperparameters={
+            name: resolve_hyperparameters(name, overrides.get(name, {}), total_steps) for name in optimizers
+        },
+    )
+    out_dir: Path = args.out
+    if args.overwrite and args.resume:
+        raise ConfigError("--overwrite and --resume contradict each other; choose one")
+    if args.overwrite:
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    env = report.environment(device)
+    description = dataset.describe()
+
+    def write(runs: list[OptimizerRun]) -> dict[str, Any]:
+        document = report.results_document(config, description, runs, env)
+        report.write_results(out_dir, document)
+        return document
+
+    try:
+        runs = train.run_comparison(
+            config,
+            (train_images, train_labels),
+            (test_images, test_labels),
+            out_dir,
+            resume=args.resume,
+            device=device,
+            on_epoch=write,
+        )
+    except Interrupted as interruption:
+        print(f"\nInterrupted: {interruption}.", file=sys.stderr)
+        print("Continue with the same command plus --resume.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    document = write(runs)
+    plots = report.write_plots(out_dir, document, title=dataset.spec.title)
+    print()
+    print(report.table(document))
+    print()
+    print(f"Results: {out_dir / 'results.json'}, {out_dir / 'results.md'}")
+    print(f"Plots:   {', '.join(str(path) for path in plots)}")
+    return 0
+
+
+def command_synthetic(args: argparse.Namespace) -> int:
+    from . import synthetic
+
+    paths = synthetic.run_all(args.out, optimizers=_optimizer_names(args.optimizers), steps=args.steps)
+    print(f"Plots and results: {', '.join(str(path) for path in paths)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `adaptopt` script and `python -m adaptopt`; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:  # one line per epoch should reach a log file as it happens
+        reconfigure(line_buffering=True)
+    try:
+        if args.command == "list":
+            return command_list()
+        if args.command == "mnist":
+            return command_mnist(args)
+        if args.command == "data":
+            return command_data(args)
+        return command_synthetic(args)
+    except (data.DataError, ConfigError, CheckpointError) as error:
+        print(f"adaptopt: error: {error}", file=sys.stderr)
+        return EXIT_ERROR

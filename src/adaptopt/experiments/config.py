@@ -1,0 +1,136 @@
+"""The comparison's configuration: which optimizers, with which hyper-parameters, on what data.
+
+Every optimizer gets the defaults of `DEFAULT_HYPERPARAMETERS` (documented in docs/experiments.md), then the
+user's `--set name.key=value` overrides. The warm-up schedules are sized from the run's length: warm-up
+over the first 5% of all steps, cosine decay over all of them, and Noam's `lr` chosen so that its peak
+learning rate, $d_{model}^{-0.5} w^{-0.5}$ times `lr`, is Adam's 1e-3.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .. import registry
+
+__all__ = [
+    "DEFAULT_HYPERPARAMETERS",
+    "ConfigError",
+    "RunConfig",
+    "parse_overrides",
+    "resolve_hyperparameters",
+]
+
+ADAM_LR = 1e-3
+WARMUP_FRACTION = 0.05
+
+DEFAULT_HYPERPARAMETERS: dict[str, dict[str, Any]] = {
+    "adam": {"lr": ADAM_LR},
+    "amsgrad": {"lr": ADAM_LR},
+    "adam_warmup": {"lr": ADAM_LR},
+    "adam_warmup_cosine_decay": {"lr": ADAM_LR},
+    "noam": {},
+    "radam": {"lr": ADAM_LR},
+    "adabelief": {"lr": ADAM_LR},
+    # Sophia's lr bounds every coordinate's step (the clip), so it plays the part of Adam's lr; rho sets
+    # where the clip starts. A sweep on this CNN (docs/experiments.md) put the best of lr in {3e-4, 1e-3,
+    # 3e-3} x rho in {0.01, 0.03, 0.1} here; the paper's 1e-4 was tuned for GPT-2 and is too slow.
+    "sophia": {"lr": 1e-3, "rho": 0.03},
+    "sgd": {"lr": 0.01, "momentum": 0.9},
+}
+"""Defaults for this CNN; the schedule lengths are filled in by `resolve_hyperparameters`."""
+
+
+class ConfigError(Exception):
+    """A bad command-line setting; the CLI prints the message without a traceback."""
+
+
+def _parse_value(text: str) -> Any:
+    """A Python literal (`1e-3`, `(0.9, 0.99)`, `True`), else the text itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_overrides(settings: list[str], optimizers: list[str]) -> dict[str, dict[str, Any]]:
+    """Turn `["adam.lr=1e-3", "sophia.rho=0.05"]` into `{"adam": {"lr": 0.001}, "sophia": {"rho": 0.05}}`.
+
+    Checks that each optimizer is one being run and each key is one of its hyper-parameters.
+    """
+    overrides: dict[str, dict[str, Any]] = {}
+    for setting in settings:
+        target, equals, value = setting.partition("=")
+        name, dot, key = target.strip().rpartition(".")
+        if not equals or not dot or not name or not key:
+            raise ConfigError(f"--set {setting!r}: expected OPTIMIZER.KEY=VALUE, e.g. --set adam.lr=3e-4")
+        try:
+            canonical = registry.describe(name).name
+        except ValueError as error:
+            raise ConfigError(f"--set {setting!r}: {error}") from None
+        if canonical not in optimizers:
+            raise ConfigError(f"--set {setting!r}: {canonical} is not among --optimizers ({', '.join(optimizers)})")
+        accepted = _accepted_keys(canonical)
+        if key not in accepted:
+            raise ConfigError(f"--set {setting!r}: {canonical} has no hyper-parameter {key!r}; it takes {accepted}")
+        overrides.setdefault(canonical, {})[key] = _parse_value(value.strip())
+    return overrides
+
+
+def _accepted_keys(name: str) -> list[str]:
+    factory = registry.describe(name).factory
+    parameters = inspect.signature(factory).parameters.values()
+    keys = [p.name for p in parameters if p.name != "params" and p.kind is not inspect.Parameter.VAR_KEYWORD]
+    if factory.__module__.startswith("adaptopt.optimizers"):
+        keys.append("maximize")
+    if name == "sgd":
+        keys += ["dampening", "nesterov", "weight_decay", "maximize"]
+    return keys
+
+
+def resolve_hyperparameters(name: str, overrides: dict[str, Any], total_steps: int) -> dict[str, Any]:
+    """The hyper-parameters `name` runs with: its defaults, sized to `total_steps`, then `overrides`."""
+    resolved: dict[str, Any] = dict(DEFAULT_HYPERPARAMETERS[name])
+    warmup = max(1, round(WARMUP_FRACTION * total_steps))
+    if name in ("adam_warmup", "adam_warmup_cosine_decay", "noam"):
+        resolved["warmup"] = warmup
+    if name == "adam_warmup_cosine_decay":
+        resolved["total_steps"] = total_steps
+    resolved.update(overrides)
+    if name == "noam" and "lr" not in overrides:
+        d_model = resolved.get("d_model", registry.describe("noam").defaults["d_model"])
+        resolved["lr"] = ADAM_LR * math.sqrt(d_model * resolved["warmup"])
+    return resolved
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines a comparison's numbers (the device and thread count aside)."""
+
+    dataset: str
+    epochs: int
+    batch_size: int
+    seed: int
+    limit_train: int | None
+    limit_test: int | None
+    hessian_every: int
+    optimizers: tuple[str, ...]
+    hyperparameters: dict[str, dict[str, Any]] = field(hash=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (tuples become lists), also what a checkpoint's config is compared by."""
+        document: dict[str, Any] = _jsonable(asdict(self))
+        return document
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)

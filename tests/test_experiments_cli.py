@@ -1,0 +1,35 @@
+"""`adaptopt list` and `python -m adaptopt`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from adaptopt import registry
+from adaptopt.experiments import cli
+
+
+def test_list_shows_every_optimizer_with_summary_paper_and_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["list"]) == 0
+    output = capsys.readouterr().out
+    for name in registry.available():
+        info = registry.describe(name)
+        block = output.split(f"{name}: {info.summary}\n", 1)[1].split("\n\n", 1)[0]
+        assert f"paper:    {info.paper}" in block
+        assert "defaults: lr=" in block
+    assert "sophia: " in output and "rho=0.03" in output
+
+
+def test_python_dash_m_adaptopt_runs_the_cli() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "adaptopt", "list"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("adam: ")
+
+
+def test_unknown_optimizer_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["mnist", "--optimizers", "adam,nadam"]) == 1
+    assert "--optimizers: unknown optimizer 'nadam'; available: adam, amsgrad" in capsys.readouterr().err

@@ -1,0 +1,247 @@
+"""`adaptopt mnist` end to end on small IDX files: outputs, resume, determinism, overrides and Sophia."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import matplotlib.image
+import pytest
+import torch
+
+from adaptopt import Sophia
+from adaptopt.experiments import cli, train
+from test_experiments_data import TEST_SIZE, TRAIN_SIZE, isolated_data_locations, one_thread, write_dataset
+
+# The autouse fixtures: no test here can reach the network, and torch runs on one thread.
+__all__ = ["isolated_data_locations", "one_thread"]
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+BATCH_SIZE = 32
+STEPS_PER_EPOCH = -(-TRAIN_SIZE // BATCH_SIZE)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    write_dataset(tmp_path / "data")
+    return tmp_path / "data"
+
+
+def run_cli(data_dir: Path, out: Path, *extra: str, optimizers: str = "adam,sophia") -> int:
+    return cli.main(
+        [
+            "mnist",
+            "--dataset=mnist",
+            f"--data-dir={data_dir}",
+            f"--out={out}",
+            f"--optimizers={optimizers}",
+            "--epochs=2",
+            f"--batch-size={BATCH_SIZE}",
+            "--hessian-every=3",
+            *extra,
+        ]
+    )
+
+
+def numbers(out: Path) -> dict[str, Any]:
+    """results.json without what legitimately differs between identical runs: timings and the environment."""
+    document = json.loads((out / "results.json").read_text())
+    for result in document["optimizers"].values():
+        for epoch in result["epochs"]:
+            del epoch["wall_time_s"]
+    del document["environment"]
+    return document
+
+
+def test_outputs_schema_table_and_plots(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    optimizers = "adam,amsgrad,adam_warmup,adam_warmup_cosine_decay,noam,radam,adabelief,sophia,sgd"
+    assert run_cli(data_dir, out, "--seed=3", optimizers=optimizers) == 0
+    document = json.loads((out / "results.json").read_text())
+    assert document["schema_version"] == 1
+    assert document["config"]["epochs"] == 2
+    assert document["config"]["seed"] == 3
+    assert document["config"]["optimizers"] == optimizers.split(",")
+    assert document["dataset"]["name"] == "mnist"
+    assert document["dataset"]["train_size"] == TRAIN_SIZE
+    assert document["dataset"]["test_size"] == TEST_SIZE
+    assert len(document["dataset"]["sha256"]) == 64
+    assert set(document["dataset"]["files"]) == {"train_images", "train_labels", "test_images", "test_labels"}
+    assert document["environment"]["torch"] == torch.__version__
+    assert {"adaptopt", "python", "numpy", "device", "threads"} <= set(document["environment"])
+    assert list(document["optimizers"]) == optimizers.split(",")
+    for name, result in document["optimizers"].items():
+        assert result["diverged"] is False, name
+        assert [epoch["epoch"] for epoch in result["epochs"]] == [1, 2]
+        assert [epoch["steps"] for epoch in result["epochs"]] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+        for epoch in result["epochs"]:
+            assert set(epoch) == {"epoch", "train_loss", "test_loss", "test_accuracy", "wall_time_s", "steps"}
+            assert 0.0 <= epoch["test_accuracy"] <= 1.0
+            assert epoch["train_loss"] > 0 and epoch["test_loss"] > 0 and epoch["wall_time_s"] > 0
+    # The warm-up schedules are sized from the run: 5% of the 20 steps, cosine decay over all of them.
+    assert document["optimizers"]["adam_warmup_cosine_decay"]["hyperparameters"] == {
+        "lr": 0.001,
+        "warmup": 1,
+        "total_steps": 2 * STEPS_PER_EPOCH,
+    }
+    # The bright square of the synthetic images is easy: Adam learns it.
+    assert document["optimizers"]["adam"]["epochs"][-1]["test_accuracy"] > 0.5
+
+    table = (out / "results.md").read_text()
+    for name in optimizers.split(","):
+        assert f"| {name} |" in table
+    printed = capsys.readouterr().out
+    assert "| optimizer | lr | epochs |" in printed
+    assert str(out / "loss.png") in printed
+
+    for plot in ("loss.png", "accuracy.png"):
+        content = (out / plot).read_bytes()
+        assert content.startswith(PNG_SIGNATURE)
+        pixels = matplotlib.image.imread(out / plot)
+        assert pixels.shape[0] > 300 and pixels.shape[1] > 500
+        # Curves, axes and labels: far from a blank canvas.
+        assert pixels[..., :3].std() > 0.05
+        assert len({tuple(row) for row in pixels[::7, ::7, :3].reshape(-1, 3).round(2).tolist()}) > 20
+
+
+def test_same_seed_same_numbers_and_resume_after_ctrl_c_continues_identically(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli(data_dir, tmp_path / "first") == 0
+    assert run_cli(data_dir, tmp_path / "again") == 0
+    assert numbers(tmp_path / "first") == numbers(tmp_path / "again")
+    assert run_cli(data_dir, tmp_path / "other_seed", "--seed=1") == 0
+    other = numbers(tmp_path / "other_seed")["optimizers"]["adam"]["epochs"]
+    assert other != numbers(tmp_path / "first")["optimizers"]["adam"]["epochs"]
+
+    # A real SIGINT in the middle of Sophia's second epoch, between its Hessian estimates.
+    real_train_step = train.train_step
+    calls = 0
+
+    def train_step_then_ctrl_c(run: train.OptimizerRun, *args: Any, **kwargs: Any) -> float:
+        nonlocal calls
+        loss = real_train_step(run, *args, **kwargs)
+        calls += 1
+        if run.name == "sophia" and run.steps == STEPS_PER_EPOCH + 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(train, "train_step", train_step_then_ctrl_c)
+    interrupted = tmp_path / "interrupted"
+    capsys.readouterr()
+    assert run_cli(data_dir, interrupted) == 130
+    assert "Continue with the same command plus --resume" in capsys.readouterr().err
+    assert calls == 2 * STEPS_PER_EPOCH + STEPS_PER_EPOCH + 4
+    checkpoint = torch.load(interrupted / "checkpoints/sophia.pt", weights_only=True)
+    assert checkpoint["batch_in_epoch"] == 4 and len(checkpoint["history"]) == 1
+    monkeypatch.setattr(train, "train_step", real_train_step)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    assert run_cli(data_dir, interrupted, "--resume") == 0
+    assert numbers(interrupted) == numbers(tmp_path / "first")
+
+
+def test_existing_run_needs_resume_or_overwrite_and_config_must_match(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert run_cli(data_dir, out, optimizers="sgd") == 0
+    capsys.readouterr()
+    assert run_cli(data_dir, out, optimizers="sgd") == 1
+    assert "pass --resume to continue it, or --overwrite" in capsys.readouterr().err
+    assert run_cli(data_dir, out, "--resume", "--set=sgd.lr=0.1", optimizers="sgd") == 1
+    error = capsys.readouterr().err
+    assert f"{out / 'checkpoints/sgd.pt'}: made with a different configuration" in error
+    assert run_cli(data_dir, out, "--overwrite", "--set=sgd.lr=0.1", optimizers="sgd") == 0
+
+
+def test_corrupt_checkpoint_names_the_file(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert run_cli(data_dir, out, optimizers="adam") == 0
+    checkpoint = out / "checkpoints/adam.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:5000])
+    capsys.readouterr()
+    assert run_cli(data_dir, out, "--resume", optimizers="adam") == 1
+    error = capsys.readouterr().err
+    assert f"{checkpoint}: corrupt or unreadable checkpoint" in error
+    assert f"delete {checkpoint} to restart adam from scratch" in error
+    assert "Traceback" not in error
+
+
+def test_set_overrides_reach_the_optimizer(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    status = run_cli(
+        data_dir, out, "--set", "adam.lr=3e-4", "--set", "adam.betas=(0.8, 0.9)", "--set", "Sophia.rho=0.1"
+    )
+    assert status == 0
+    hyperparameters = json.loads((out / "results.json").read_text())["config"]["hyperparameters"]
+    assert hyperparameters["adam"] == {"lr": 3e-4, "betas": [0.8, 0.9]}
+    assert hyperparameters["sophia"]["rho"] == 0.1
+    groups = torch.load(out / "checkpoints/adam.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert groups[0]["lr"] == 3e-4 and tuple(groups[0]["betas"]) == (0.8, 0.9)
+    sophia_group = torch.load(out / "checkpoints/sophia.pt", weights_only=True)["optimizer"]["param_groups"][0]
+    assert sophia_group["rho"] == 0.1
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("adam.lr", "expected OPTIMIZER.KEY=VALUE"),
+        ("adam.learning_rate=1", "adam has no hyper-parameter 'learning_rate'"),
+        ("sgd.lr=1", "sgd is not among --optimizers"),
+        ("nadam.lr=1", "unknown optimizer 'nadam'"),
+    ],
+)
+def test_bad_set_is_a_clear_error(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], setting: str, message: str
+) -> None:
+    assert run_cli(data_dir, tmp_path / "out", "--set", setting) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_sophia_estimates_the_hessian_every_k_steps_from_sampled_labels(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_update = Sophia.update_hessian
+    calls: list[tuple[int, float]] = []
+
+    def spy(self: Sophia, n_tokens_training_batch: int) -> None:
+        grads = [p.grad for group in self.param_groups for p in group["params"]]
+        assert all(grad is not None for grad in grads)
+        calls.append((n_tokens_training_batch, float(sum(grad.pow(2).sum() for grad in grads if grad is not None))))
+        real_update(self, n_tokens_training_batch)
+
+    monkeypatch.setattr(Sophia, "update_hessian", spy)
+    out = tmp_path / "out"
+    assert run_cli(data_dir, out, optimizers="sophia") == 0
+    total_steps = 2 * STEPS_PER_EPOCH
+    assert len(calls) == total_steps // 3
+    # B is the batch's size, and the grads are those of the sampled labels' loss: never zero.
+    assert [size for size, _ in calls] == [BATCH_SIZE] * len(calls)
+    assert all(norm > 0 for _, norm in calls)
+    state = torch.load(out / "checkpoints/sophia.pt", weights_only=True)["optimizer"]["state"]
+    assert all(entry["hessian"].abs().sum() > 0 for entry in state.values())
+
+
+def test_sampled_labels_follow_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The estimator's labels come from the logits: a model that is sure of class 7 samples only 7s."""
+    model = torch.nn.Linear(4, 10)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.fill_(-30.0)
+        model.bias[7] = 30.0
+    optimizer = Sophia(model.parameters(), lr=1e-3)
+    sampled: list[torch.Tensor] = []
+    real_cross_entropy = train.F.cross_entropy
+
+    def record(logits: torch.Tensor, target: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        sampled.append(target)
+        return real_cross_entropy(logits, target, **kwargs)
+
+    monkeypatch.setattr(train.F, "cross_entropy", record)
+    run = train.OptimizerRun("sophia", model, optimizer, torch.Generator().manual_seed(0), {})
+    train.estimate_sophia_hessian(run, torch.randn(64, 4))
+    assert torch.equal(sampled[0], torch.full((64,), 7))

@@ -1,0 +1,49 @@
+"""The AMSGrad paper's online counterexample, Rosenbrock, and `adaptopt synthetic`."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from adaptopt.experiments import cli, synthetic
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_adam_goes_to_the_worst_point_and_amsgrad_to_the_optimum() -> None:
+    """Reddi et al. 2018, §5: with beta2 = 0.99 Adam settles at x = +1, AMSGrad near the optimum x = -1.
+
+    100 periods of 101 steps; the thresholds leave room for the slow 1/sqrt(t) approach (measured: Adam
+    +0.94, AMSGrad -0.91 after 100 periods).
+    """
+    steps = 100 * synthetic.ONLINE_PERIOD
+    adam = synthetic.last_period_mean(synthetic.online_counterexample("adam", steps))
+    amsgrad = synthetic.last_period_mean(synthetic.online_counterexample("amsgrad", steps))
+    assert adam > 0.8
+    assert amsgrad < -0.8
+
+
+def test_sophia_reaches_the_rosenbrock_minimum_with_its_gauss_newton_estimate() -> None:
+    path, losses = synthetic.rosenbrock("sophia")
+    x, y = path[-1]
+    assert losses[-1] < 1e-2 * losses[0]
+    assert math.hypot(x - 1.0, y - 1.0) < 0.2
+
+
+def test_cli_synthetic_writes_plots_and_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["synthetic", "--out", str(tmp_path), "--steps", "404"]) == 0
+    summary = json.loads((tmp_path / "synthetic.json").read_text())
+    names = cli.registry.available()
+    assert list(summary["online_counterexample"]) == names
+    assert list(summary["rosenbrock"]) == names
+    for name in names:
+        assert -1.0 <= summary["online_counterexample"][name]["last_period_mean_x"] <= 1.0
+        # Every optimizer stays finite on Rosenbrock with the defaults chosen for it.
+        assert math.isfinite(summary["rosenbrock"][name]["final_loss"]), name
+    for plot in ("online_counterexample.png", "rosenbrock.png"):
+        content = (tmp_path / plot).read_bytes()
+        assert content.startswith(PNG_SIGNATURE) and len(content) > 20_000
+    assert "online counterexample" in capsys.readouterr().out
