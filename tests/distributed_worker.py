@@ -15,6 +15,7 @@ the group) to once per scenario.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -83,6 +84,23 @@ CASES: tuple[Case, ...] = (
     Case("adabelief", adaptopt.AdaBelief, dict(lr=1e-2, weight_decay=WeightDecay(0.05, weight_decouple=False))),
     Case("sophia", adaptopt.Sophia, dict(lr=1e-2, rho=0.05, weight_decay=WeightDecay(0.1))),
 )
+
+
+ADDED_GROUPS_CASE = Case("adam_added_groups", adaptopt.Adam, dict(lr=1e-2, weight_decay=WeightDecay(0.1)))
+
+
+def with_added_groups(model: nn.Module, make: Callable[[list[nn.Parameter]], torch.optim.Optimizer]) -> Any:
+    """An optimizer built over the first weight only, given the other params by `add_param_group`.
+
+    The first bias comes without a weight decay, so the optimizer fills in its default, a policy; the last
+    layer comes with a policy of its own. ZeroRedundancyOptimizer copies both, as policy objects, into
+    the local optimizer's groups.
+    """
+    first_weight, first_bias, *last_layer = model.parameters()
+    optimizer = make([first_weight])
+    optimizer.add_param_group({"params": [first_bias]})
+    optimizer.add_param_group({"params": last_layer, "weight_decay": WeightDecay(0.05, weight_decouple=False)})
+    return optimizer
 
 
 def covered_optimizers() -> set[str]:
@@ -161,6 +179,13 @@ def train(
             assert isinstance(target, adaptopt.Sophia)
             target.update_hessian(GLOBAL_BATCH)
             optimizer.zero_grad(set_to_none=set_to_none)
+
+
+def added_groups_single_process_run() -> dict[str, torch.Tensor]:
+    model = build_model()
+    optimizer = with_added_groups(model, lambda params: ADDED_GROUPS_CASE.make(params, "default"))
+    train(model, optimizer, ADDED_GROUPS_CASE, range(STEPS))
+    return _detached(model.state_dict())
 
 
 def single_process_run(case: Case) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, Any]]]:
@@ -288,6 +313,16 @@ def scenario_zero(out: Path) -> dict[str, Any]:
                 "checkpoint_params": model_state,
                 "resumed_params": _detached(resumed_model.module.state_dict()),
             }
+    for execution in EXECUTIONS:
+        model = data_parallel(build_model())
+        make_zero = functools.partial(
+            ZeroRedundancyOptimizer,
+            optimizer_class=ADDED_GROUPS_CASE.optimizer_class,
+            **ADDED_GROUPS_CASE.kwargs(execution),
+        )
+        optimizer = with_added_groups(model, make_zero)
+        train(model, optimizer, ADDED_GROUPS_CASE, range(STEPS))
+        results[f"{ADDED_GROUPS_CASE.label}/{execution}"] = {"params": _detached(model.module.state_dict())}
     return results
 
 

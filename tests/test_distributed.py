@@ -28,12 +28,14 @@ import torch
 import adaptopt
 from adaptopt.distributed import launch
 from distributed_worker import (
+    ADDED_GROUPS_CASE,
     CASES,
     DDP_GRAD_MODES,
     EXECUTIONS,
     STEPS,
     STEPS_BEFORE_CHECKPOINT,
     WORLD_SIZE,
+    added_groups_single_process_run,
     build_model,
     covered_optimizers,
     fail_on_rank_one,
@@ -135,6 +137,14 @@ def test_zero_redundancy_optimizer(tmp_path: Path, references: dict[str, Any]) -
             optimizer.load_state_dict(first["checkpoint_state_dict"])
             train(model, optimizer, case, range(STEPS_BEFORE_CHECKPOINT, STEPS))
             assert_close_tensors(dict(model.state_dict()), expected_params, f"{key}: single process from ZeRO's state")
+
+    # Groups added after construction, with weight-decay policies (see `with_added_groups`).
+    expected_params = added_groups_single_process_run()
+    for execution in EXECUTIONS:
+        key = f"{ADDED_GROUPS_CASE.label}/{execution}"
+        first, second = (results[key] for results in ranks)
+        assert_equal_tensors(second["params"], first["params"], f"{key}: rank 1 against rank 0")
+        assert_close_tensors(first["params"], expected_params, f"{key}: params")
 
 
 def test_fsdp2_and_distributed_checkpoint(tmp_path: Path, references: dict[str, Any]) -> None:

@@ -160,6 +160,10 @@ class GenericAdaptiveOptimizer(Optimizer):
         if self._amp_found_inf():
             return loss
         for group in self.param_groups:
+            # A policy put into a group after construction stands for its plain keys: ZeroRedundancyOptimizer
+            # copies the entries of its own groups into ours before every step, policies included.
+            if isinstance(group.get("weight_decay"), WeightDecay):
+                group.update(group["weight_decay"].group_defaults())
             self._step_group(group)
         return loss
 
