@@ -29,7 +29,6 @@ from torch import nn
 
 import adaptopt
 from adaptopt import WeightDecay
-from adaptopt.base import CommonOptions
 from adaptopt.distributed import data_parallel, rank_share, world_size
 
 IN_FEATURES, HIDDEN, CLASSES = 6, 8, 3
@@ -40,9 +39,9 @@ STEPS = STEPS_BEFORE_CHECKPOINT + STEPS_AFTER_CHECKPOINT
 HESSIAN_EVERY = 2
 """Sophia estimates its Hessian every second step, so both halves of a resumed run contain estimates."""
 
-# "default" leaves the choice to the optimizer; "reference" forces the plain per-parameter loop, where
-# the base class offers the choice (CommonOptions gains `execution` with the bucketed/compiled paths).
-EXECUTIONS: tuple[str, ...] = ("default", "reference") if "execution" in CommonOptions.__annotations__ else ("default",)
+EXECUTIONS = ("default", "reference")
+""""default" leaves the choice to the optimizer ("auto": contiguous buckets, where params allow them);
+"reference" forces the plain loop over params."""
 
 
 @dataclass(frozen=True)
