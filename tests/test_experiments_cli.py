@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
+import runpy
 import sys
 
 import pytest
@@ -22,12 +22,14 @@ def test_list_shows_every_optimizer_with_summary_paper_and_defaults(capsys: pyte
     assert "sophia: " in output and "rho=0.03" in output
 
 
-def test_python_dash_m_adaptopt_runs_the_cli() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "adaptopt", "list"], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("adam: ")
+def test_python_dash_m_adaptopt_runs_the_cli(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["adaptopt", "list"])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_module("adaptopt", run_name="__main__", alter_sys=True)
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.startswith("adam: ")
 
 
 def test_unknown_optimizer_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -110,9 +110,8 @@ def test_outputs_schema_table_and_plots(data_dir: Path, tmp_path: Path, capsys: 
 def test_same_seed_same_numbers_and_resume_after_ctrl_c_continues_identically(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # Same seed, same numbers: the interrupted and resumed run below must equal this one; another seed must not.
     assert run_cli(data_dir, tmp_path / "first") == 0
-    assert run_cli(data_dir, tmp_path / "again") == 0
-    assert numbers(tmp_path / "first") == numbers(tmp_path / "again")
     assert run_cli(data_dir, tmp_path / "other_seed", "--seed=1") == 0
     other = numbers(tmp_path / "other_seed")["optimizers"]["adam"]["epochs"]
     assert other != numbers(tmp_path / "first")["optimizers"]["adam"]["epochs"]

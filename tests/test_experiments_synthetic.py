@@ -34,7 +34,7 @@ def test_sophia_reaches_the_rosenbrock_minimum_with_its_gauss_newton_estimate() 
 
 
 def test_cli_synthetic_writes_plots_and_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["synthetic", "--out", str(tmp_path), "--steps", "404"]) == 0
+    assert cli.main(["synthetic", "--out", str(tmp_path), "--steps", "202"]) == 0
     summary = json.loads((tmp_path / "synthetic.json").read_text())
     names = cli.registry.available()
     assert list(summary["online_counterexample"]) == names

@@ -259,3 +259,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (data.DataError, ConfigError, CheckpointError) as error:
         print(f"adaptopt: error: {error}", file=sys.stderr)
         return EXIT_ERROR
+    except KeyboardInterrupt:  # outside training (loading, plotting): nothing to save
+        print("\nadaptopt: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
