@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from torch import nn
 
 import adaptopt
 from adaptopt import WeightDecay
-from adaptopt.distributed import data_parallel, rank_share, world_size
+from adaptopt.distributed import average_gradients, data_parallel, rank_share, world_size
 
 IN_FEATURES, HIDDEN, CLASSES = 6, 8, 3
 GLOBAL_BATCH = 8
@@ -125,6 +126,9 @@ class Batch:
     uniforms: torch.Tensor
     """Draws in [0, 1) that pick the labels of Sophia's Hessian estimate from the model's own softmax."""
 
+    def head(self, rows: int) -> Batch:
+        return Batch(self.inputs[:rows], self.targets[:rows], self.uniforms[:rows])
+
     def share(self) -> Batch:
         """This rank's contiguous share of the global batch (all of it without a process group)."""
         return Batch(rank_share(self.inputs), rank_share(self.targets), rank_share(self.uniforms))
@@ -158,6 +162,8 @@ def train(
     *,
     hessian_optimizer: adaptopt.GenericAdaptiveOptimizer | None = None,
     set_to_none: bool = True,
+    rows: int = GLOBAL_BATCH,
+    average: bool = False,
 ) -> None:
     """Train over `steps` of the global schedule; each rank sees its share of every global batch.
 
@@ -165,18 +171,28 @@ def train(
     ranks' means), so Sophia's `update_hessian` is given the global batch size. `set_to_none=False`
     keeps the grad tensors from step to step: the bucketed execution then owns them (or, under DDP's
     gradient_as_bucket_view, must leave DDP's views alone).
+
+    `rows` uses only the first rows of each global batch (so that it splits unevenly); `average` averages
+    the grads with `average_gradients` instead of relying on a DDP/FSDP model. A rank with an empty
+    share skips the backward (the mean over no examples is NaN).
     """
     for step in steps:
-        batch = global_batch(step).share()
-        F.cross_entropy(model(batch.inputs), batch.targets).backward()
+        batch = global_batch(step).head(rows).share()
+        if len(batch.targets):
+            F.cross_entropy(model(batch.inputs), batch.targets).backward()
+        if average:
+            average_gradients(model.parameters(), len(batch.targets))
         optimizer.step()
         optimizer.zero_grad(set_to_none=set_to_none)
         if case.estimates_hessian and step % HESSIAN_EVERY == HESSIAN_EVERY - 1:
-            logits = model(batch.inputs)
-            F.cross_entropy(logits, sampled_labels(logits, batch.uniforms)).backward()
+            if len(batch.targets):
+                logits = model(batch.inputs)
+                F.cross_entropy(logits, sampled_labels(logits, batch.uniforms)).backward()
+            if average:
+                average_gradients(model.parameters(), len(batch.targets))
             target = hessian_optimizer if hessian_optimizer is not None else optimizer
             assert isinstance(target, adaptopt.Sophia)
-            target.update_hessian(GLOBAL_BATCH)
+            target.update_hessian(rows)
             optimizer.zero_grad(set_to_none=set_to_none)
 
 
@@ -187,11 +203,11 @@ def added_groups_single_process_run() -> dict[str, torch.Tensor]:
     return _detached(model.state_dict())
 
 
-def single_process_run(case: Case) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, Any]]]:
+def single_process_run(case: Case, rows: int = GLOBAL_BATCH) -> tuple[dict[str, torch.Tensor], dict[int, Any]]:
     """The oracle: the whole batch in one process; final parameters and optimizer state."""
     model = build_model()
     optimizer = case.make(model.parameters(), "default")
-    train(model, optimizer, case, range(STEPS))
+    train(model, optimizer, case, range(STEPS), rows=rows)
     return _detached(model.state_dict()), optimizer.state_dict()["state"]
 
 
@@ -228,18 +244,28 @@ DDP_GRAD_MODES = tuple((bucket_view, set_to_none) for bucket_view in (False, Tru
 """(gradient_as_bucket_view, zero_grad's set_to_none): whose tensors the grads are, DDP's or autograd's."""
 
 
+AVERAGED_ROWS = (GLOBAL_BATCH - 1, 1)
+"""Batches of 7 split 4 + 3; a batch of 1 leaves rank 1 with nothing."""
+
+
 def scenario_ddp(out: Path) -> dict[str, Any]:
     """DDP in each of DDP_GRAD_MODES: final params and optimizer state of every case.
 
-    Also what the helpers saw: the world size, the wrapper `data_parallel` chose, and whether `rank_share`
-    refused a batch that does not split evenly.
+    Also, without DDP, `average_gradients` over batches that split unevenly (AVERAGED_ROWS), and what the
+    helpers saw: the world size, the wrapper `data_parallel` chose, the shares `rank_share` gave.
     """
-    try:
-        rank_share(torch.zeros(WORLD_SIZE + 1))
-        uneven_share_refused = False
-    except ValueError:
-        uneven_share_refused = True
-    results: dict[str, Any] = {"world_size": world_size(), "uneven_share_refused": uneven_share_refused}
+    results: dict[str, Any] = {
+        "world_size": world_size(),
+        "shares": {rows: rank_share(torch.arange(rows)).tolist() for rows in AVERAGED_ROWS},
+    }
+    for rows, case in itertools.product(AVERAGED_ROWS, CASES):
+        model = build_model()
+        optimizer = case.make(model.parameters(), "default")
+        train(model, optimizer, case, range(STEPS), rows=rows, average=True)
+        results[f"{case.label}/average_gradients/rows={rows}"] = {
+            "params": _detached(model.state_dict()),
+            "state": _full_state(optimizer.state_dict()["state"]),
+        }
     for key, case, execution in _runs():
         for bucket_view, set_to_none in DDP_GRAD_MODES:
             model = data_parallel(build_model(), gradient_as_bucket_view=bucket_view)

@@ -29,6 +29,7 @@ import adaptopt
 from adaptopt.distributed import launch
 from distributed_worker import (
     ADDED_GROUPS_CASE,
+    AVERAGED_ROWS,
     CASES,
     DDP_GRAD_MODES,
     EXECUTIONS,
@@ -98,9 +99,9 @@ def test_cases_cover_every_optimizer() -> None:
 
 def test_ddp(tmp_path: Path, references: dict[str, Any]) -> None:
     ranks = launch_scenario("ddp", tmp_path)
-    for results in ranks:
-        assert results["world_size"] == WORLD_SIZE
-        assert results["uneven_share_refused"]
+    first, second = ranks
+    assert first["world_size"] == second["world_size"] == WORLD_SIZE
+    assert (first["shares"], second["shares"]) == ({7: [0, 1, 2, 3], 1: [0]}, {7: [4, 5, 6], 1: []})
     for case in CASES:
         expected_params, expected_state = references[case.label]
         for execution in EXECUTIONS:
@@ -111,6 +112,15 @@ def test_ddp(tmp_path: Path, references: dict[str, Any]) -> None:
                 assert_equal_tensors(second["params"], first["params"], f"{key}: rank 1 against rank 0")
                 assert_close_tensors(first["params"], expected_params, f"{key}: params")
                 assert_close_state(first["state"], expected_state, f"{key}: optimizer state")
+
+    # Without DDP: average_gradients weights the ranks' grads by their shares, which are unequal here.
+    for rows, case in itertools.product(AVERAGED_ROWS, CASES):
+        expected_params, expected_state = single_process_run(case, rows)
+        key = f"{case.label}/average_gradients/rows={rows}"
+        first, second = (results[key] for results in ranks)
+        assert_equal_tensors(second["params"], first["params"], f"{key}: rank 1 against rank 0")
+        assert_close_tensors(first["params"], expected_params, f"{key}: params")
+        assert_close_state(first["state"], expected_state, f"{key}: optimizer state")
 
 
 def test_zero_redundancy_optimizer(tmp_path: Path, references: dict[str, Any]) -> None:

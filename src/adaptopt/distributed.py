@@ -16,9 +16,10 @@ def worker(config):
 result_of_rank_0 = launch(worker, nproc, config)
 ```
 
-Each rank takes a contiguous, equal share of every global batch, so DDP's average of the ranks' mean
-gradients is the mean gradient of the global batch, and N processes follow the trajectory of one
-process up to rounding. (Sophia's `update_hessian` then takes the *global* batch size.)
+Each rank takes a contiguous share of every global batch. With equal shares DDP's average of the ranks'
+mean gradients is the mean gradient of the global batch, so N processes follow the trajectory of one
+process up to rounding; for batches that do not split evenly (an epoch's last), `average_gradients` in
+place of DDP weights the shares by their sizes. Sophia's `update_hessian` takes the *global* batch size.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import queue
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -37,7 +38,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["data_parallel", "free_port", "launch", "loopback_interface", "rank_share", "world_size"]
+__all__ = [
+    "average_gradients",
+    "data_parallel",
+    "free_port",
+    "launch",
+    "loopback_interface",
+    "rank_share",
+    "world_size",
+]
 
 ResultT = TypeVar("ResultT")
 
@@ -56,14 +65,41 @@ def _rank() -> int:
 def rank_share(batch: torch.Tensor) -> torch.Tensor:
     """This rank's contiguous share of the global `batch` (dimension 0); the whole batch without a group.
 
-    The shares must be equal: with unequal shares the average of the ranks' mean gradients is not the
-    mean gradient of the batch, and training would depend on the number of processes.
+    The shares are as equal as they can be (`torch.tensor_split`: sizes differ by at most one, and a
+    batch smaller than the group leaves some ranks empty). DDP averages the ranks' mean gradients with
+    equal weights, which is the batch's mean gradient only when the shares are equal; `average_gradients`
+    weights them by size and is exact for any split.
     """
-    ranks = world_size()
-    if batch.shape[0] % ranks != 0:
-        raise ValueError(f"a global batch of {batch.shape[0]} does not split evenly over {ranks} ranks")
-    share = batch.shape[0] // ranks
-    return batch[_rank() * share : (_rank() + 1) * share]
+    return torch.tensor_split(batch, world_size())[_rank()]
+
+
+def average_gradients(parameters: Iterable[torch.Tensor], local_count: int) -> int:
+    r"""Replace every rank's grads by the mean gradient of the global batch; return the global batch size.
+
+    Call it on every rank after the backward of the *mean* loss over this rank's `local_count` examples;
+    a rank with no examples calls it without a backward (missing grads count as zero). Each rank's grad
+    is weighted by its share of the batch before the sum over ranks:
+    $\sum_r \frac{n_r}{N} g_r = \frac{1}{N} \sum_i \nabla \ell_i$, whatever the sizes $n_r$. The
+    returned $N$ is what Sophia's `update_hessian` takes. Without a process group it returns
+    `local_count` and changes nothing.
+    """
+    if isinstance(local_count, bool) or not isinstance(local_count, int) or local_count < 0:
+        raise ValueError(f"local_count must be an int >= 0, got {local_count!r}")
+    if world_size() == 1:
+        return local_count
+    total = torch.tensor([local_count], dtype=torch.int64)
+    dist.all_reduce(total)
+    global_count = int(total.item())
+    if global_count == 0:
+        raise ValueError("the global batch is empty on every rank")
+    for param in parameters:
+        if not param.requires_grad:
+            continue
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        param.grad.mul_(local_count / global_count)
+        dist.all_reduce(param.grad)
+    return global_count
 
 
 def data_parallel(model: nn.Module, **ddp_options: Any) -> nn.Module:
