@@ -323,7 +323,7 @@ def scenario_zero(out: Path) -> dict[str, Any]:
             optimizer_state, model_state = checkpoint
             train(model, optimizer, case, range(STEPS_BEFORE_CHECKPOINT, STEPS), **run)
             optimizer.consolidate_state_dict(to=0)
-            final_state = optimizer.state_dict() if rank == 0 else None
+            final_state = copy.deepcopy(optimizer.state_dict()) if rank == 0 else None
 
             resumed_model, resumed_optimizer = make(case, execution, bucket_view, model_state)
             # ZeroRedundancyOptimizer.load_state_dict blanks the entries of other ranks in its argument.
