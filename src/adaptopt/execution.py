@@ -37,6 +37,7 @@ only, so a run is reproducible.
 
 from __future__ import annotations
 
+import operator
 import types
 import warnings
 from collections.abc import Callable, Iterable
@@ -170,7 +171,8 @@ class Bucket:
     eager_work: int = 0
     compiled: Callable[..., None] | None = None
     compile_failed: bool = False
-    _grads: list[torch.Tensor | None] = field(default_factory=list)
+    states: list[State | None] = field(default_factory=list)
+    """Each param's state dict, once it has one (reset when `load_state_dict` replaces them)."""
 
     @property
     def numel(self) -> int:
@@ -178,7 +180,7 @@ class Bucket:
 
     def is_home(self) -> bool:
         """Whether every param still lives in the buffer (not moved by `.to()` or a `p.data =`)."""
-        return all(param.data_ptr() == pointer for param, pointer in zip(self.params, self.data_ptrs, strict=True))
+        return list(map(torch.Tensor.data_ptr, self.params)) == self.data_ptrs
 
     def real_slice(self, tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         return _real(tensor[start:stop])
@@ -298,6 +300,7 @@ class BucketedExecution:
             state = optimizer.state.get(param)
             if state:
                 self._home_state(state, state_views[index])
+            bucket.states.append(state or None)
             self._owner[param] = (bucket, index)
         self._state_object = optimizer.state
         return bucket
@@ -326,6 +329,7 @@ class BucketedExecution:
             param_state = state.get(param)
             if param_state:
                 self._home_state(param_state, bucket.state_views[index])
+            bucket.states[index] = param_state or None
         self._state_object = state
 
     # ------------------------------------------------------------------------------------------------
@@ -339,36 +343,36 @@ class BucketedExecution:
         return leftovers
 
     def _step_bucket(self, group: Group, bucket: Bucket) -> None:
+        # The usual case (every grad is our view, every param has state at the same step) costs a few
+        # C-level passes over the params and no Python work per param but the step counters.
         optimizer = self.optimizer
-        params = bucket.params
-        copy_to: list[torch.Tensor] = []
-        copy_from: list[torch.Tensor] = []
-        grads = bucket._grads
-        grads.clear()
-        for param, view in zip(params, bucket.grad_views, strict=True):
-            grad = param.grad
-            grads.append(grad)
-            if grad is not view and grad is not None:
-                copy_to.append(view)
-                copy_from.append(grad)
-        if copy_from:
-            optimizer._params_with_grad([param for param, grad in zip(params, grads, strict=True) if grad is not None])
-            torch._foreach_copy_(copy_to, copy_from)
-        # Runs of consecutive params with a grad and the same step count.
-        runs: list[tuple[int, int, int]] = []
-        for index, (param, grad) in enumerate(zip(params, grads, strict=True)):
-            if grad is None:
-                continue
-            step = optimizer._state_for(group, param)["step"]
-            if runs and runs[-1][1] == index and runs[-1][2] == step:
-                runs[-1] = (runs[-1][0], index + 1, step)
-            else:
-                runs.append((index, index + 1, step))
+        params, grad_views, states = bucket.params, bucket.grad_views, bucket.states
+        grads = [param.grad for param in params]
+        if not all(map(operator.is_, grads, grad_views)):
+            foreign = [index for index, grad in enumerate(grads) if grad is not None and grad is not grad_views[index]]
+            if foreign:
+                optimizer._params_with_grad([params[index] for index in foreign])  # rejects sparse grads
+                torch._foreach_copy_([grad_views[index] for index in foreign], [grads[index] for index in foreign])
+        if None in states:
+            for index, grad in enumerate(grads):
+                if grad is not None and states[index] is None:
+                    states[index] = optimizer._state_for(group, params[index])
+        steps = [None if grad is None else state["step"] for grad, state in zip(grads, states, strict=True)]
+        if steps.count(steps[0]) == len(steps) and steps[0] is not None:
+            runs = [(0, len(params), steps[0])]
+        else:
+            runs = []  # Maximal runs of consecutive params with a grad and the same step count.
+            for index, step in enumerate(steps):
+                if step is None:
+                    continue
+                if runs and runs[-1][1] == index and runs[-1][2] == step:
+                    runs[-1] = (runs[-1][0], index + 1, step)
+                else:
+                    runs.append((index, index + 1, step))
         for first, last, step in runs:
             self._step_run(group, bucket, first, last, step)
-            for param in params[first:last]:
-                optimizer.state[param]["step"] = step + 1
-        grads.clear()
+            for state in states[first:last]:
+                state["step"] = step + 1
 
     def _step_run(self, group: Group, bucket: Bucket, first: int, last: int, step: int) -> None:
         start, stop = bucket.offsets[first], bucket.offsets[last]

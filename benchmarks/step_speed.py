@@ -1,0 +1,270 @@
+"""How long one optimizer step takes: adaptopt's execution paths against torch.optim and pytorch_optimizer.
+
+    .venv/bin/python benchmarks/step_speed.py                # step times, compile times, memory, one epoch
+    .venv/bin/python benchmarks/step_speed.py --no-epoch --repeats 5
+
+Three parameter sets: the MNIST CNN's (8 tensors, 431k elements), 200 tensors of 10k, 4 tensors of 4M, all
+fp32. Every contender has its own copy of the same params; grads come from a backward pass (of a loss that
+is linear in the params, so backward costs little and the same for all), after `zero_grad()` (torch's
+default, `set_to_none=True`) unless the column says otherwise. Contenders are interleaved in one process:
+each repeat runs a few timed steps of every contender in turn, so background load hits all alike; the
+figure is the median over all timed steps, after warm-up. adaptopt's default path (`execution="auto"`) is
+warmed up until it has compiled its buckets, so its column is the steady state of a long run. Ratios are
+to `torch.optim.Adam(fused=True)` measured in the same run.
+
+Peak extra memory during a step is measured in a subprocess with glibc's mmap threshold pinned at 64 KiB,
+so every large temporary is a fresh mapping and the peak resident set (reset before the step through
+/proc/self/clear_refs) sees it; in units of the largest param.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_optimizer
+import torch
+from torch import nn
+
+import adaptopt
+from adaptopt import execution
+from adaptopt.experiments.model import MnistCnn
+
+CASES: dict[str, list[tuple[int, ...]]] = {
+    "MNIST CNN (8 tensors, 431k)": [tuple(p.shape) for p in MnistCnn().parameters()],
+    "200 tensors of 10k": [(10_000,)] * 200,
+    "4 tensors of 4M": [(4_000_000,)] * 4,
+}
+STEPS_PER_REPEAT = {"MNIST CNN (8 tensors, 431k)": 20, "200 tensors of 10k": 10, "4 tensors of 4M": 3}
+
+Factory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+CONTENDERS: dict[str, Factory] = {
+    "torch Adam fused": lambda p: torch.optim.Adam(p, lr=1e-3, fused=True),
+    "torch Adam foreach": lambda p: torch.optim.Adam(p, lr=1e-3, foreach=True),
+    "torch Adam for-loop": lambda p: torch.optim.Adam(p, lr=1e-3, foreach=False),
+    "ours Adam reference": lambda p: adaptopt.Adam(p, execution="reference"),
+    "ours Adam bucketed (eager)": lambda p: adaptopt.Adam(p, execution="bucketed"),
+    "ours Adam": lambda p: adaptopt.Adam(p),
+    "ours Adam, zero_grad(set_to_none=False)": lambda p: adaptopt.Adam(p),
+    "ours AMSGrad": lambda p: adaptopt.AMSGrad(p),
+    "ours RAdam": lambda p: adaptopt.RAdam(p),
+    "ours AdaBelief": lambda p: adaptopt.AdaBelief(p),
+    "ours Sophia": lambda p: adaptopt.Sophia(p),
+    "pytorch_optimizer AdaBelief": lambda p: pytorch_optimizer.AdaBelief(p, rectify=True),
+    "pytorch_optimizer RAdam": lambda p: pytorch_optimizer.RAdam(p),
+}
+KEEPS_GRADS = {"ours Adam, zero_grad(set_to_none=False)"}
+
+
+class ParamBank(nn.Module):
+    """Params of the given shapes and a loss linear in them, so backward hands every param a fresh grad."""
+
+    def __init__(self, shapes: list[tuple[int, ...]]) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.weights = nn.ParameterList(nn.Parameter(torch.randn(s, generator=generator) * 0.05) for s in shapes)
+        self.directions = [torch.randn(s, generator=generator) for s in shapes]
+
+    def loss(self) -> torch.Tensor:
+        return sum((p * d).sum() for p, d in zip(self.weights, self.directions, strict=True))  # type: ignore[return-value]
+
+
+class Contender:
+    def __init__(self, name: str, shapes: list[tuple[int, ...]]) -> None:
+        self.name = name
+        self.bank = ParamBank(shapes)
+        self.optimizer = CONTENDERS[name](list(self.bank.weights))
+        self.set_to_none = name not in KEEPS_GRADS
+        self.times: list[float] = []
+        self.compile_seconds: list[float] = []
+
+    def backward(self) -> None:
+        self.optimizer.zero_grad(set_to_none=self.set_to_none)
+        self.bank.loss().backward()
+
+    def timed_step(self) -> float:
+        self.backward()
+        start = time.perf_counter()
+        self.optimizer.step()
+        return time.perf_counter() - start
+
+    def warm_up(self) -> None:
+        for _ in range(3):
+            self.timed_step()
+        # adaptopt's auto path compiles a bucket after AUTO_COMPILE_WORK element-updates: get there, and
+        # time the steps that compile.
+        pending = [b for b in execution.buckets(self.optimizer) if b.compiled is None and not b.compile_failed]
+        if pending and getattr(self.optimizer, "_buckets", None) is not None and self.optimizer._buckets.mode == "auto":
+            numel = min(b.numel for b in pending)
+            for _ in range(math.ceil(execution.AUTO_COMPILE_WORK / numel) + 1):
+                was = [b.compiled for b in pending]
+                seconds = self.timed_step()
+                if any(b.compiled is not None and old is None for b, old in zip(pending, was, strict=True)):
+                    self.compile_seconds.append(seconds)
+                if all(b.compiled is not None or b.compile_failed for b in pending):
+                    break
+            for _ in range(3):
+                self.timed_step()
+
+
+def measure(repeats: int, case_names: list[str], names: list[str]) -> dict[str, dict[str, Any]]:
+    results: dict[str, dict[str, Any]] = {}
+    for case in case_names:
+        contenders = [Contender(name, CASES[case]) for name in names]
+        for contender in contenders:
+            contender.warm_up()
+        for _ in range(repeats):
+            for contender in contenders:
+                for _ in range(STEPS_PER_REPEAT[case]):
+                    contender.times.append(contender.timed_step())
+        results[case] = {
+            c.name: {"median_ms": 1e3 * statistics.median(c.times), "compile_s": c.compile_seconds} for c in contenders
+        }
+        print(f"measured {case}", file=sys.stderr, flush=True)
+    return results
+
+
+def print_table(results: dict[str, dict[str, Any]]) -> None:
+    cases = list(results)
+    print("| contender | " + " | ".join(f"{case}: ms (x fused)" for case in cases) + " |")
+    print("|---|" + "---|" * len(cases))
+    for name in next(iter(results.values())):
+        cells = []
+        for case in cases:
+            fused = results[case]["torch Adam fused"]["median_ms"]
+            ms = results[case][name]["median_ms"]
+            cells.append(f"{ms:.3f} ({ms / fused:.2f}x)")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print()
+    for case in cases:
+        compiles = {n: r["compile_s"] for n, r in results[case].items() if r["compile_s"]}
+        if compiles:
+            text = ", ".join(f"{n.removeprefix('ours ')} {max(s):.1f} s" for n, s in compiles.items())
+            print(f"first step with compilation, {case}: {text}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Memory, in a subprocess with a pinned mmap threshold.
+
+MEMORY_MODES = {"torch Adam fused": "", "reference": "reference", "bucketed": "bucketed", "compiled": "compiled"}
+
+
+def _resident(key: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(key)
+
+
+def _peak_extra_bytes(step: Callable[[], Any]) -> int:
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # resets the peak resident set to the current one
+    before = _resident("VmRSS:")
+    step()
+    return _resident("VmHWM:") - before
+
+
+def memory_child(case: str, name: str, optimizer_name: str) -> None:
+    bank = ParamBank(CASES[case])
+    params = list(bank.weights)
+    if MEMORY_MODES[name]:
+        optimizer: torch.optim.Optimizer = adaptopt.create(optimizer_name, params, execution=MEMORY_MODES[name])
+    else:
+        optimizer = torch.optim.Adam(params, fused=True)
+    for _ in range(10):  # past RAdam's and AdaBelief's first steps, which skip the adaptive branch
+        optimizer.zero_grad()
+        bank.loss().backward()
+        optimizer.step()
+    peaks = []
+    for _ in range(3):
+        optimizer.zero_grad()
+        bank.loss().backward()
+        peaks.append(_peak_extra_bytes(optimizer.step))
+    largest = max(p.numel() * p.element_size() for p in params)
+    print(json.dumps({"extra_bytes": min(peaks), "largest_param_bytes": largest}))
+
+
+def measure_memory(case: str) -> None:
+    print(f"\npeak extra memory during one step, {case}, in units of the largest param:")
+    print("| optimizer | " + " | ".join(MEMORY_MODES) + " |")
+    print("|---|" + "---|" * len(MEMORY_MODES))
+    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    for optimizer_name in ["adam", "radam", "adabelief", "sophia"]:
+        cells = []
+        for name in MEMORY_MODES:
+            command = [sys.executable, __file__, "--memory-child", case, name, optimizer_name]
+            output = subprocess.run(command, env=environment, capture_output=True, text=True, check=True).stdout
+            report = json.loads(output.strip().splitlines()[-1])
+            cells.append(f"{report['extra_bytes'] / report['largest_param_bytes']:.2f}")
+        print(f"| {optimizer_name} | " + " | ".join(cells) + " |")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One MNIST-CNN epoch end to end.
+
+
+def epoch_seconds(make: Callable[[list[nn.Parameter]], torch.optim.Optimizer], batches: int) -> float:
+    torch.manual_seed(0)
+    model = MnistCnn()
+    optimizer = make(list(model.parameters()))
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(batches, 64, 1, 28, 28, generator=generator)
+    labels = torch.randint(0, 10, (batches, 64), generator=generator)
+    start = time.perf_counter()
+    for batch in range(batches):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(images[batch]), labels[batch]).backward()
+        optimizer.step()
+    return time.perf_counter() - start
+
+
+def measure_epoch(batches: int, repeats: int) -> None:
+    contenders: dict[str, Factory] = {
+        "torch Adam fused": CONTENDERS["torch Adam fused"],
+        "ours Adam (default)": CONTENDERS["ours Adam"],
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, make in contenders.items():
+            seconds[name].append(epoch_seconds(make, batches))
+    fused = statistics.median(seconds["torch Adam fused"])
+    print(f"\nMNIST-CNN epoch ({batches} batches of 64, random data of MNIST's shape), median of {repeats}:")
+    for name, values in seconds.items():
+        print(f"  {name}: {statistics.median(values):.2f} s ({statistics.median(values) / fused:.3f}x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--cases", nargs="*", default=list(CASES))
+    parser.add_argument("--contenders", nargs="*", default=list(CONTENDERS))
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--no-epoch", action="store_true")
+    parser.add_argument("--epoch-batches", type=int, default=938)
+    parser.add_argument("--epoch-repeats", type=int, default=2)
+    parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(*args.memory_child)
+        return
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median step time, ms (ratio to fused)\n")
+    print_table(measure(args.repeats, args.cases, args.contenders))
+    if not args.no_memory:
+        measure_memory("4 tensors of 4M")
+    if not args.no_epoch:
+        measure_epoch(args.epoch_batches, args.epoch_repeats)
+
+
+if __name__ == "__main__":
+    main()
