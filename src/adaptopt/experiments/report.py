@@ -127,13 +127,26 @@ def _write_text(path: Path, text: str) -> None:
     partial.replace(path)
 
 
-def write_plots(out_dir: Path, document: dict[str, Any], *, title: str) -> list[Path]:
-    """loss.png (train and test loss per epoch) and accuracy.png (test accuracy), one curve per optimizer."""
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (no display needed), imported only when plotting."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(figure: Any, path: Path) -> Path:
+    """Write `figure` as a PNG and free it."""
+    figure.savefig(path, dpi=110)
+    pyplot().close(figure)
+    return path
+
+
+def write_plots(out_dir: Path, document: dict[str, Any], *, title: str) -> list[Path]:
+    """loss.png (train and test loss per epoch) and accuracy.png (test accuracy), one curve per optimizer."""
+    plt = pyplot()
     results = document["optimizers"]
     loss_figure, (train_axis, test_axis) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
     accuracy_figure, accuracy_axis = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
@@ -149,11 +162,11 @@ def write_plots(out_dir: Path, document: dict[str, Any], *, title: str) -> list[
     accuracy_axis.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{title}: test accuracy")
     accuracy_axis.grid(True, alpha=0.3)
     accuracy_axis.legend(fontsize="small")
-    paths = [out_dir / "loss.png", out_dir / "accuracy.png"]
-    for figure, path in zip((loss_figure, accuracy_figure), paths, strict=True):
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-    return paths
+    from matplotlib.ticker import MaxNLocator
+
+    for axis in (train_axis, test_axis, accuracy_axis):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+    return [save_figure(loss_figure, out_dir / "loss.png"), save_figure(accuracy_figure, out_dir / "accuracy.png")]
 
 
 def _nan(value: Any) -> float:

@@ -31,6 +31,7 @@ import torch
 
 from .. import registry
 from ..optimizers import Sophia
+from .report import pyplot, save_figure
 
 __all__ = ["ONLINE_STEPS", "ROSENBROCK_STEPS", "online_counterexample", "rosenbrock", "run_all"]
 
@@ -126,12 +127,7 @@ def rosenbrock(
 
 
 def _plot_online(out_dir: Path, iterates: dict[str, list[float]]) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(9, 5), constrained_layout=True)
+    figure, axis = pyplot().subplots(figsize=(9, 5), constrained_layout=True)
     for name, values in iterates.items():
         # One point per period (its mean) keeps the plot readable and shows where each method settles.
         means = [
@@ -148,22 +144,15 @@ def _plot_online(out_dir: Path, iterates: dict[str, list[float]]) -> Path:
     )
     axis.grid(True, alpha=0.3)
     axis.legend(fontsize="small", ncol=2)
-    path = out_dir / "online_counterexample.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, out_dir / "online_counterexample.png")
 
 
 def _plot_rosenbrock(
     out_dir: Path, paths: dict[str, list[tuple[float, float]]], losses: dict[str, list[float]]
 ) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
-    figure, (map_axis, loss_axis) = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
+    figure, (map_axis, loss_axis) = pyplot().subplots(1, 2, figsize=(13, 5), constrained_layout=True)
     xs, ys = np.meshgrid(np.linspace(-2.0, 2.0, 300), np.linspace(-1.0, 3.0, 300))
     surface = (1 - xs) ** 2 + 100 * (ys - xs**2) ** 2
     map_axis.contour(xs, ys, np.log10(surface + 1e-3), levels=25, cmap="Greys", linewidths=0.6)
@@ -177,10 +166,7 @@ def _plot_rosenbrock(
     loss_axis.set(xlabel="step", ylabel="loss", yscale="log", title="Rosenbrock: loss")
     loss_axis.grid(True, which="both", alpha=0.3)
     loss_axis.legend(fontsize="small", ncol=2)
-    path_out = out_dir / "rosenbrock.png"
-    figure.savefig(path_out, dpi=110)
-    plt.close(figure)
-    return path_out
+    return save_figure(figure, out_dir / "rosenbrock.png")
 
 
 def run_all(
