@@ -252,8 +252,13 @@ def main() -> None:
     parser.add_argument("--no-epoch", action="store_true")
     parser.add_argument("--epoch-batches", type=int, default=938)
     parser.add_argument("--epoch-repeats", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, help="torch threads; 1 when other jobs load the cores (OpenMP barriers then stall)"
+    )
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         memory_child(*args.memory_child)
         return

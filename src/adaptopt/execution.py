@@ -349,15 +349,21 @@ class BucketedExecution:
         params, grad_views, states = bucket.params, bucket.grad_views, bucket.states
         grads = [param.grad for param in params]
         if not all(map(operator.is_, grads, grad_views)):
-            foreign = [index for index, grad in enumerate(grads) if grad is not None and grad is not grad_views[index]]
+            foreign = [
+                (param, grad, view)
+                for param, grad, view in zip(params, grads, grad_views, strict=True)
+                if grad is not None and grad is not view
+            ]
             if foreign:
-                optimizer._params_with_grad([params[index] for index in foreign])  # rejects sparse grads
-                torch._foreach_copy_([grad_views[index] for index in foreign], [grads[index] for index in foreign])
+                optimizer._params_with_grad([param for param, _, _ in foreign])  # rejects sparse grads
+                torch._foreach_copy_([view for _, _, view in foreign], [grad for _, grad, _ in foreign])
         if None in states:
             for index, grad in enumerate(grads):
                 if grad is not None and states[index] is None:
                     states[index] = optimizer._state_for(group, params[index])
-        steps = [None if grad is None else state["step"] for grad, state in zip(grads, states, strict=True)]
+        steps = [
+            None if grad is None or state is None else state["step"] for grad, state in zip(grads, states, strict=True)
+        ]
         if steps.count(steps[0]) == len(steps) and steps[0] is not None:
             runs = [(0, len(params), steps[0])]
         else:
@@ -372,7 +378,8 @@ class BucketedExecution:
         for first, last, step in runs:
             self._step_run(group, bucket, first, last, step)
             for state in states[first:last]:
-                state["step"] = step + 1
+                if state is not None:  # always, in a run
+                    state["step"] = step + 1
 
     def _step_run(self, group: Group, bucket: Bucket, first: int, last: int, step: int) -> None:
         start, stop = bucket.offsets[first], bucket.offsets[last]
