@@ -186,17 +186,17 @@ def _run_rank(
     collective_timeout: float,
     reports: Any,
 ) -> None:
-    # gloo would otherwise pick the interface of the machine's hostname; loopback keeps the group local.
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback_interface())
-    torch.set_num_threads(threads)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://{_LOCALHOST}:{port}",
-        rank=rank,
-        world_size=nproc,
-        timeout=timedelta(seconds=collective_timeout),
-    )
     try:
+        # gloo would otherwise pick the interface of the machine's hostname; loopback keeps the group local.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback_interface())
+        torch.set_num_threads(threads)
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://{_LOCALHOST}:{port}",
+            rank=rank,
+            world_size=nproc,
+            timeout=timedelta(seconds=collective_timeout),
+        )
         result = worker(*args)
         # Only rank 0's result is returned; the others report that they finished. The result is pickled
         # here, by value: through the queue, torch would send tensors as shared-memory handles that the
@@ -205,7 +205,8 @@ def _run_rank(
     except BaseException:
         reports.put((rank, traceback.format_exc(), None))
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def free_port() -> int:
