@@ -248,6 +248,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--cases", nargs="*", default=list(CASES))
     parser.add_argument("--contenders", nargs="*", default=list(CONTENDERS))
+    parser.add_argument("--no-steps", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-epoch", action="store_true")
     parser.add_argument("--epoch-batches", type=int, default=938)
@@ -264,7 +265,8 @@ def main() -> None:
         return
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median step time, ms (ratio to fused)\n")
-    print_table(measure(args.repeats, args.cases, args.contenders))
+    if not args.no_steps:
+        print_table(measure(args.repeats, args.cases, args.contenders))
     if not args.no_memory:
         measure_memory("4 tensors of 4M")
     if not args.no_epoch:
