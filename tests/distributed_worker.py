@@ -330,8 +330,14 @@ def scenario_zero(out: Path) -> dict[str, Any]:
             resumed_optimizer.load_state_dict(copy.deepcopy(optimizer_state))
             resumed_run = dict(hessian_optimizer=resumed_optimizer.optim)
             train(resumed_model, resumed_optimizer, case, range(STEPS_BEFORE_CHECKPOINT, STEPS), **resumed_run)
+            # The checkpoint loaded again into the optimizer that went on stepping after it.
+            final_params = _detached(model.module.state_dict())
+            model.module.load_state_dict(model_state)
+            optimizer.load_state_dict(copy.deepcopy(optimizer_state))
+            train(model, optimizer, case, range(STEPS_BEFORE_CHECKPOINT, STEPS), **run)
             results[key] = {
-                "params": _detached(model.module.state_dict()),
+                "params": final_params,
+                "reloaded_params": _detached(model.module.state_dict()),
                 "local_params": sharded,
                 "state_dict": final_state,
                 "checkpoint_state_dict": optimizer_state if rank == 0 else None,

@@ -138,6 +138,7 @@ def test_zero_redundancy_optimizer(tmp_path: Path, references: dict[str, Any]) -
             assert_close_state(first["state_dict"]["state"], expected_state, f"{key}: consolidated state")
             for results in (first, second):
                 assert_equal_tensors(results["resumed_params"], first["params"], f"{key}: resumed run")
+                assert_equal_tensors(results["reloaded_params"], first["params"], f"{key}: reloaded run")
 
             # The consolidated state dict is an ordinary state dict of the optimizer: one process loads
             # it, weight-decay policy and all, and continues as the ranks did.

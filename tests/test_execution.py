@@ -356,6 +356,45 @@ def test_state_dict_round_trip_writes_into_the_buckets(name: str) -> None:
     assert state["exp_avg"].untyped_storage().data_ptr() == bucket.state_buffers["exp_avg"].untyped_storage().data_ptr()
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_state_replaced_by_hand_is_taken_into_the_buckets(name: str) -> None:
+    # ZeRO's load_state_dict assigns `state[p] = {...}` per param, never calling ours; anyone may assign
+    # `state[p]["exp_avg"] = t`. A run from another init takes a reference run's params and state dicts
+    # after 12 steps, and must go on exactly as the reference run does. One step later it also takes one
+    # exp_avg tensor alone (equal to the bucket's: a bucket that kept stepping its view would leave it behind).
+    options = dict(CONFIGS)[name]
+    expected = reference(name, options, steps=12)
+    params_then = [param.detach().clone() for param in expected[0].parameters()]
+    states_then = [copy.deepcopy(expected[1].state[param]) for param in expected[0].parameters()]
+    train(name, options, "reference", model=expected[0], optimizer=expected[1], steps=1, start=12)
+    exp_avg_then = expected[1].state[expected[0][0].weight]["exp_avg"].clone()
+    train(name, options, "reference", model=expected[0], optimizer=expected[1], steps=11, start=13)
+
+    torch.manual_seed(1)
+    model, optimizer = train(name, options, "bucketed", model=mlp(), steps=12)
+    params = list(model.parameters())
+    with torch.no_grad():
+        torch._foreach_copy_(params, params_then)
+    for param, state in zip(params, states_then, strict=True):
+        optimizer.state[param] = state
+    train(name, options, "bucketed", model=model, optimizer=optimizer, steps=1, start=12)
+    optimizer.state[model[0].weight]["exp_avg"] = exp_avg_then
+    train(name, options, "bucketed", model=model, optimizer=optimizer, steps=11, start=13)
+    assert_same(expected, (model, optimizer), exact=True)
+    (bucket,) = buckets(optimizer)
+    for param in params:
+        for key, buffer in bucket.state_buffers.items():
+            stored = optimizer.state[param][key].untyped_storage().data_ptr()
+            assert stored == buffer.untyped_storage().data_ptr(), key
+
+
+def test_state_tensor_of_the_wrong_shape_is_rejected() -> None:
+    model, optimizer = train("adam", {}, "bucketed", steps=2)
+    optimizer.state[model[0].weight]["exp_avg"] = torch.zeros(7, dtype=F64)
+    with pytest.raises(ValueError, match=r"shape \(7, 5\) under 'exp_avg', got \(7,\)"):
+        train("adam", {}, "bucketed", model=model, optimizer=optimizer, steps=1, start=2)
+
+
 def test_master_weight_groups_take_the_reference_path() -> None:
     torch.manual_seed(0)
     model = mlp().to(torch.bfloat16)

@@ -22,8 +22,9 @@ case, is one run. Params the buckets cannot own are handed back to the reference
 untie them), and whole groups that step through working copies (master weights, `state_dtype`,
 GradScaler). Moving the model with `.to()` (or assigning `p.data`) after the optimizer was built is detected
 at the next step, which re-gathers the group: params and state move into new buffers on the params' new
-device, the state cast to what `init_state` gives for the moved params. `load_state_dict` writes into the
-buffers at the next step.
+device, the state cast to what `init_state` gives for the moved params. State that is no longer the bucket's
+views (our `load_state_dict` replacing the whole mapping, ZeRO's assigning `state[p] = {...}` per param, or
+`state[p]["exp_avg"] = t` by hand) is copied into the buffers at the next step, and the views take its place.
 
 `execution="compiled"` runs a whole-bucket run through `torch.compile` (one fused loop per bucket). The
 per-step numbers of `step_scalars` (rate, bias corrections, rectifier) enter as one float64 tensor, so a new
@@ -42,6 +43,7 @@ import types
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -120,6 +122,9 @@ def _dense(tensor: torch.Tensor) -> bool:
     return True
 
 
+_NO_STATE: State = {}
+"""What `Bucket.states` holds for a param without state (never handed out, never filled)."""
+
 _warned: set[str] = set()
 
 
@@ -171,8 +176,10 @@ class Bucket:
     eager_work: int = 0
     compiled: Callable[..., None] | None = None
     compile_failed: bool = False
-    states: list[State | None] = field(default_factory=list)
-    """Each param's state dict, once it has one (reset when `load_state_dict` replaces them)."""
+    states: list[State] = field(default_factory=list)
+    """Each param's state dict as last seen in `optimizer.state` (`_NO_STATE` if it had none)."""
+    expected_state: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
+    """Per state key, per param: the view its state must hold under that key (None where it has no state)."""
 
     @property
     def numel(self) -> int:
@@ -197,7 +204,6 @@ class BucketedExecution:
         self.mode = mode
         self._records: dict[int, tuple[Group, list[torch.Tensor], int, list[Bucket], list[torch.Tensor]]] = {}
         self._owner: dict[torch.Tensor, tuple[Bucket, int]] = {}
-        self._state_object: object = None
 
     @classmethod
     def for_mode(cls, optimizer: GenericAdaptiveOptimizer, execution: Any) -> BucketedExecution | None:
@@ -212,8 +218,6 @@ class BucketedExecution:
 
     def _buckets_of(self, group: Group) -> tuple[list[Bucket], list[torch.Tensor]]:
         """The group's buckets and the params left to the reference loop, (re)built when out of date."""
-        if self._state_object is not self.optimizer.state:
-            self._adopt_loaded_state()
         record = self._records.get(id(group))
         params = group["params"]
         if (
@@ -289,6 +293,8 @@ class BucketedExecution:
             state_buffers=state_buffers,
             state_views=state_views,
             data_ptrs=[view.data_ptr() for view in param_views],
+            states=[_NO_STATE] * len(params),
+            expected_state={key: [None] * len(params) for key in state_buffers},
         )
         for index, (param, view) in enumerate(zip(params, param_views, strict=True)):
             param.data = view
@@ -297,22 +303,32 @@ class BucketedExecution:
                 # Our grad view in the previous bucket: the grad moves along, as the param did.
                 grad_views[index].copy_(grad)
                 param.grad = grad_views[index]
-            state = optimizer.state.get(param)
-            if state:
-                self._home_state(state, state_views[index])
-            bucket.states.append(state or None)
+            self._record_state(bucket, index, optimizer.state.get(param, _NO_STATE))
             self._owner[param] = (bucket, index)
-        self._state_object = optimizer.state
         return bucket
 
     @staticmethod
-    def _home_state(state: State, views: dict[str, torch.Tensor]) -> None:
-        """Move `state`'s tensors into the bucket: copy each into its view and keep the view."""
-        for key, view in views.items():
-            value = state.get(key)
-            if value is not view and isinstance(value, torch.Tensor):
+    def _record_state(bucket: Bucket, index: int, state: State) -> None:
+        """Make `state` param `index`'s state in the bucket: its tensors move into the buffers (each copied
+        into its view, the view taking its place), and the bucket remembers the dict and the views."""
+        views = bucket.state_views[index]
+        if state:
+            for key, view in views.items():
+                value = state.get(key)
+                if value is view:
+                    continue
+                if not isinstance(value, torch.Tensor) or value.shape != view.shape:
+                    # Copying would broadcast a wrong shape, and stepping the old buffer would ignore it.
+                    got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                    raise ValueError(
+                        f"the state of a param of shape {tuple(bucket.params[index].shape)} must hold a tensor "
+                        f"of shape {tuple(view.shape)} under {key!r}, got {got}"
+                    )
                 view.copy_(value)
                 state[key] = view
+        bucket.states[index] = state
+        for key, expected in bucket.expected_state.items():
+            expected[index] = views[key] if state else None
 
     def adopt_state(self, param: torch.Tensor, state: State) -> None:
         """Fresh state of a bucketed param (from `_state_for`) moves into the bucket's buffers."""
@@ -320,17 +336,23 @@ class BucketedExecution:
         if owner is not None:
             bucket, index = owner
             if bucket.is_home():
-                self._home_state(state, bucket.state_views[index])
+                self._record_state(bucket, index, state)
 
-    def _adopt_loaded_state(self) -> None:
-        """After `load_state_dict` replaced the state: copy it into the buckets."""
-        state = self.optimizer.state
-        for param, (bucket, index) in self._owner.items():
-            param_state = state.get(param)
-            if param_state:
-                self._home_state(param_state, bucket.state_views[index])
-            bucket.states[index] = param_state or None
-        self._state_object = state
+    def _refresh_states(self, bucket: Bucket) -> None:
+        """Take in state that is no longer the bucket's own: whole dicts replaced (`load_state_dict`, ZeRO's
+        `state[p] = {...}`) or single tensors (`state[p]["exp_avg"] = t`), as a load would."""
+        current = list(map(self.optimizer.state.get, bucket.params, repeat(_NO_STATE)))
+        if all(map(operator.is_, current, bucket.states)):
+            try:
+                if all(
+                    all(map(operator.is_, map(dict.get, current, repeat(key)), expected))
+                    for key, expected in bucket.expected_state.items()
+                ):
+                    return  # The usual case: a few C-level passes over the params, no Python work per param.
+            except TypeError:  # A state that is a Mapping but not a dict: check it param by param.
+                pass
+        for index, state in enumerate(current):
+            self._record_state(bucket, index, state)
 
     # ------------------------------------------------------------------------------------------------
     # Stepping
@@ -357,12 +379,13 @@ class BucketedExecution:
             if foreign:
                 optimizer._params_with_grad([param for param, _, _ in foreign])  # rejects sparse grads
                 torch._foreach_copy_([view for _, _, view in foreign], [grad for _, grad, _ in foreign])
-        if None in states:
+        self._refresh_states(bucket)
+        if not all(states):
             for index, grad in enumerate(grads):
-                if grad is not None and states[index] is None:
-                    states[index] = optimizer._state_for(group, params[index])
+                if grad is not None and not states[index]:
+                    self._record_state(bucket, index, optimizer._state_for(group, params[index]))
         steps = [
-            None if grad is None or state is None else state["step"] for grad, state in zip(grads, states, strict=True)
+            None if grad is None or not state else state["step"] for grad, state in zip(grads, states, strict=True)
         ]
         if steps.count(steps[0]) == len(steps) and steps[0] is not None:
             runs = [(0, len(params), steps[0])]
