@@ -10,6 +10,7 @@ import math
 import shutil
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="Sophia: estimate the Hessian every K steps (default: %(default)s)",
     )
+    mnist.add_argument(
+        "--nproc",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="data-parallel training in N CPU processes, each on 1/N of every batch; the results equal one "
+        "process's up to rounding (default: %(default)s)",
+    )
 
     data_command = commands.add_parser(
         "data",
@@ -164,7 +173,7 @@ def command_data(args: argparse.Namespace) -> int:
 
 
 def command_mnist(args: argparse.Namespace) -> int:
-    from . import report, train
+    from . import report
 
     optimizers = _optimizer_names(args.optimizers)
     overrides = parse_overrides(args.settings, optimizers)
@@ -200,31 +209,26 @@ def command_mnist(args: argparse.Namespace) -> int:
     out_dir: Path = args.out
     if args.overwrite and args.resume:
         raise ConfigError("--overwrite and --resume contradict each other; choose one")
+    if args.nproc > 1 and device.type != "cpu":
+        raise ConfigError(f"--nproc {args.nproc} runs CPU processes (gloo); use --device cpu or --nproc 1")
     if args.overwrite:
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     env = report.environment(device)
+    if args.nproc > 1:
+        env["nproc"] = args.nproc
     description = dataset.describe()
+    job = _MnistJob(config, (train_images, train_labels), (test_images, test_labels), out_dir, args.resume, device)
+    if args.nproc == 1:
+        document, interruption = _train_and_report(job, description, env)
+    else:
+        from .. import distributed
 
-    def write(runs: list[OptimizerRun]) -> dict[str, Any]:
-        document = report.results_document(config, description, runs, env)
-        report.write_results(out_dir, document)
-        return document
-
-    try:
-        runs = train.run_comparison(
-            config,
-            (train_images, train_labels),
-            (test_images, test_labels),
-            out_dir,
-            resume=args.resume,
-            device=device,
-            on_epoch=write,
-        )
-    except Interrupted as interruption:
+        # Rank 0 prints the epoch lines itself, so that they appear as they happen.
+        document, interruption = distributed.launch(_train_and_report, args.nproc, job, description, env)
+    if interruption is not None:
         print(f"\nInterrupted: {interruption}.", file=sys.stderr)
         print("Continue with the same command plus --resume.", file=sys.stderr)
         return EXIT_INTERRUPTED
-    document = write(runs)
     plots = report.write_plots(out_dir, document, title=dataset.spec.title)
     print()
     print(report.table(document))
@@ -232,6 +236,53 @@ def command_mnist(args: argparse.Namespace) -> int:
     print(f"Results: {out_dir / 'results.json'}, {out_dir / 'results.md'}")
     print(f"Plots:   {', '.join(str(path) for path in plots)}")
     return 0
+
+
+@dataclass(frozen=True)
+class _MnistJob:
+    """What every rank of `adaptopt mnist` trains on (sent to the ranks, so it holds no open resources)."""
+
+    config: RunConfig
+    train_data: tuple[torch.Tensor, torch.Tensor]
+    test_data: tuple[torch.Tensor, torch.Tensor]
+    out_dir: Path
+    resume: bool
+    device: torch.device
+
+
+def _train_and_report(
+    job: _MnistJob, description: dict[str, Any], env: dict[str, Any]
+) -> tuple[dict[str, Any], str | None]:
+    """Run the comparison, writing results.json after every epoch; (the final document, why it stopped or None).
+
+    Module level so that `distributed.launch` can start it in every rank; inside a group only rank 0 writes,
+    and its document is the one returned.
+    """
+    from . import report, train
+
+    def write(runs: list[OptimizerRun]) -> dict[str, Any]:
+        document = report.results_document(job.config, description, runs, env)
+        report.write_results(job.out_dir, document)
+        return document
+
+    def log(line: str) -> None:
+        print(line, flush=True)  # a rank's stdout is not line-buffered by `main`
+
+    try:
+        runs = train.run_comparison(
+            job.config,
+            job.train_data,
+            job.test_data,
+            job.out_dir,
+            resume=job.resume,
+            device=job.device,
+            on_epoch=write,
+            log=log,
+        )
+    except Interrupted as interruption:
+        return {}, str(interruption)
+    other_rank = torch.distributed.is_initialized() and torch.distributed.get_rank() != 0
+    return {} if other_rank else write(runs), None
 
 
 def command_synthetic(args: argparse.Namespace) -> int:

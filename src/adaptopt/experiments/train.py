@@ -4,9 +4,13 @@ Fairness: every optimizer starts from `initial_state(seed)` and sees the same da
 drawn from `(seed, epoch)` alone, so the order needs no state beyond the epoch and the batch index.
 Sophia's label sampling has its own generator, saved in the checkpoint with the global RNG.
 
-The pieces are separate so that a data-parallel trainer can reuse them: `epoch_order` gives the global
-order (a rank takes its shard), `iterate_batches` cuts it, `train_step` takes a `sync_grads` hook called
-between backward and the optimizer step (where an all-reduce goes), and `train_epoch` is the loop.
+Data parallelism (`adaptopt mnist --nproc N`, inside `adaptopt.distributed.launch`): every rank walks the
+same global batches of `epoch_order`; `train_step` takes this rank's `rank_share` of each and its
+`sync_grads` hook, called between backward and the optimizer step, averages the grads over the ranks
+(`average_gradients`) and returns the global batch size, which Sophia's `update_hessian` gets. Sophia's
+labels are sampled over the whole global batch from the generator all ranks share, so they are the
+single-process run's labels. Evaluation, logging and checkpoints are rank 0's (the params are identical).
+Without a process group every one of these steps is the identity.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import registry
+from ..distributed import average_gradients, rank_share, world_size
 from ..optimizers import Sophia
 from .config import ConfigError, RunConfig
 from .model import MnistCnn, initial_state
@@ -47,7 +52,48 @@ __all__ = [
 
 CHECKPOINT_FORMAT = 1
 EVAL_BATCH_SIZE = 1000
-GradSync = Callable[[nn.Module], None]
+GradSync = Callable[[nn.Module, int], int]
+"""(model, examples in this rank's share) -> examples in the global batch, after making the grads global."""
+
+
+def no_sync(model: nn.Module, local_count: int) -> int:
+    """The single-process `GradSync`: the grads already are the batch's."""
+    return local_count
+
+
+def sync_over_ranks(model: nn.Module, local_count: int) -> int:
+    """The data-parallel `GradSync`: every rank's grads become the global batch's mean gradient."""
+    return average_gradients(model.parameters(), local_count)
+
+
+def _is_rank_zero() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _global_mean(local_mean: float, local_count: int, global_count: int) -> float:
+    """The mean over the global batch of a per-example quantity whose mean over this rank's share is given."""
+    if world_size() == 1:
+        return local_mean
+    total = torch.tensor([local_mean * local_count if local_count else 0.0], dtype=torch.float64)
+    torch.distributed.all_reduce(total)
+    return float(total.item()) / global_count
+
+
+def _sample_labels(probabilities: torch.Tensor, global_size: int, generator: torch.Generator) -> torch.Tensor:
+    """One label per row of this rank's share of `probabilities`, as one process would draw it for the batch.
+
+    The ranks' rows are put together into the global batch's (an all-reduce of zero-padded rows, exact
+    because every entry has one non-zero addend) and sampled with the generator all ranks hold in the same
+    state; each rank keeps its share. So the labels do not depend on the number of ranks.
+    """
+    if world_size() > 1:
+        rows = rank_share(torch.arange(global_size))
+        whole = torch.zeros(global_size, probabilities.shape[1], dtype=probabilities.dtype)
+        if len(rows):
+            whole[rows] = probabilities
+        torch.distributed.all_reduce(whole)
+        return rank_share(torch.multinomial(whole, 1, generator=generator).squeeze(1))
+    return torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
 
 
 class CheckpointError(Exception):
@@ -102,17 +148,22 @@ def iterate_batches(
         yield batch_index, images[indices], labels[indices]
 
 
-def estimate_sophia_hessian(run: OptimizerRun, images: torch.Tensor) -> None:
-    """Sophia-G's Gauss-Newton-Bartlett estimate: labels sampled from the model's logits, then their loss's grad."""
+def estimate_sophia_hessian(run: OptimizerRun, images: torch.Tensor, sync_grads: GradSync = no_sync) -> None:
+    """Sophia-G's Gauss-Newton-Bartlett estimate: labels sampled from the model's logits, then their loss's grad.
+
+    `images` is the global batch; this rank works on its `rank_share`.
+    """
     optimizer = run.optimizer
     assert isinstance(optimizer, Sophia)
     optimizer.zero_grad(set_to_none=True)
-    logits = run.model(images)
+    local_images = rank_share(images)
+    logits = run.model(local_images)
     with torch.no_grad():
         probabilities = torch.softmax(logits.detach().float(), dim=1).cpu()
-        sampled = torch.multinomial(probabilities, 1, generator=run.sampler).squeeze(1).to(logits.device)
-    torch.autograd.backward(F.cross_entropy(logits, sampled))
-    optimizer.update_hessian(images.shape[0])
+        sampled = _sample_labels(probabilities, images.shape[0], run.sampler).to(logits.device)
+    if len(sampled):  # a share can be empty when the batch is smaller than the group: its grads count as 0
+        torch.autograd.backward(F.cross_entropy(logits, sampled))
+    optimizer.update_hessian(sync_grads(run.model, len(sampled)))
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -122,20 +173,28 @@ def train_step(
     labels: torch.Tensor,
     *,
     hessian_every: int,
-    sync_grads: GradSync | None = None,
+    sync_grads: GradSync = no_sync,
 ) -> float:
-    """One optimizer step on a batch (and, for Sophia every `hessian_every` steps, a Hessian estimate)."""
+    """One optimizer step on a global batch (and, for Sophia every `hessian_every` steps, a Hessian estimate).
+
+    This rank computes the loss on its `rank_share`; `sync_grads` makes the grads the global batch's.
+    Returns the mean loss over the global batch.
+    """
     run.model.train()
     run.optimizer.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(run.model(images), labels)
-    torch.autograd.backward(loss)
-    if sync_grads is not None:
-        sync_grads(run.model)
+    local_images, local_labels = rank_share(images), rank_share(labels)
+    local_count = len(local_labels)
+    local_loss = 0.0
+    if local_count:  # a share can be empty when the batch is smaller than the group: its grads count as 0
+        loss = F.cross_entropy(run.model(local_images), local_labels)
+        torch.autograd.backward(loss)
+        local_loss = float(loss.item())
+    global_count = sync_grads(run.model, local_count)
     run.optimizer.step()
     run.steps += 1
     if isinstance(run.optimizer, Sophia) and run.steps % hessian_every == 0:
-        estimate_sophia_hessian(run, images)
-    return float(loss.item())
+        estimate_sophia_hessian(run, images, sync_grads)
+    return _global_mean(local_loss, local_count, global_count)
 
 
 def train_epoch(
@@ -145,7 +204,7 @@ def train_epoch(
     hessian_every: int,
     stop: StopFlag,
     on_step: Callable[[OptimizerRun], None] | None = None,
-    sync_grads: GradSync | None = None,
+    sync_grads: GradSync = no_sync,
 ) -> bool:
     """Train over `batches`, keeping the position and loss sums in `run`; False if stopped early.
 
@@ -278,7 +337,8 @@ def make_run(name: str, hyperparameters: dict[str, Any], weights: dict[str, torc
 def _progress(total: int, initial: int, description: str) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=description, leave=False, disable=not sys.stdout.isatty())
+    show = sys.stdout.isatty() and _is_rank_zero()
+    return tqdm(total=total, initial=initial, desc=description, leave=False, disable=not show)
 
 
 def run_comparison(
@@ -299,7 +359,14 @@ def run_comparison(
     Checkpoints go to `out_dir/checkpoints/<name>.pt` after every epoch and when stopped (Ctrl-C or `stop`),
     in which case `Interrupted` is raised after saving. `on_epoch` gets all runs after each epoch (to write
     results as they come). With `resume`, each optimizer continues from its checkpoint.
+
+    Inside a process group (`adaptopt.distributed.launch`) every rank calls this with the same arguments
+    and trains on its share of each batch; only rank 0 evaluates, logs, saves checkpoints and calls
+    `on_epoch` (the other ranks' histories hold the training loss only). A checkpoint holds no rank's
+    own state, so a run can be resumed with any number of ranks.
     """
+    rank_zero = _is_rank_zero()
+    sync_grads = sync_over_ranks if world_size() > 1 else no_sync
     stop = stop if stop is not None else StopFlag()
     device = torch.device(device)
     train_images, train_labels = (tensor.to(device) for tensor in train_data)
@@ -339,18 +406,26 @@ def run_comparison(
 
                 try:
                     completed = train_epoch(
-                        run, batches, hessian_every=config.hessian_every, stop=stop, on_step=step_done
+                        run,
+                        batches,
+                        hessian_every=config.hessian_every,
+                        stop=stop,
+                        on_step=step_done,
+                        sync_grads=sync_grads,
                     )
                 finally:
                     bar.close()
                 if not completed and not run.diverged:
                     run.epoch_seconds = time.perf_counter() - started
-                    save_checkpoint(run, path, config)
+                    if rank_zero:
+                        save_checkpoint(run, path, config)
                     raise Interrupted(
                         f"stopped {run.name} in epoch {epoch + 1} at batch {run.batch_in_epoch}/{steps_per_epoch}; "
                         f"checkpoint saved in {path.parent}"
                     )
-                test_loss, test_accuracy = evaluate(run.model, test_images, test_labels)
+                test_loss, test_accuracy = (
+                    evaluate(run.model, test_images, test_labels) if rank_zero else (math.nan, math.nan)
+                )
                 train_loss = run.loss_sum / max(run.examples_seen, 1)
                 run.history.append(
                     {
@@ -363,6 +438,8 @@ def run_comparison(
                     }
                 )
                 run.batch_in_epoch, run.loss_sum, run.examples_seen, run.epoch_seconds = 0, 0.0, 0, 0.0
+                if not rank_zero:
+                    continue
                 save_checkpoint(run, path, config)
                 record = run.history[-1]
                 log(

@@ -1,0 +1,103 @@
+"""`adaptopt mnist --nproc 2` against `--nproc 1`: the same results, weights and Sophia state up to rounding."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from adaptopt import distributed
+from adaptopt.experiments import cli
+from test_experiments_data import isolated_data_locations, one_thread, write_dataset
+
+# The autouse fixtures: no test here can reach the network, and torch runs on one thread.
+__all__ = ["isolated_data_locations", "one_thread"]
+
+# 67 = 24 + 24 + 19 examples: three steps, and the last batch splits unevenly (10 + 9) between the ranks,
+# which only a size-weighted average of the ranks' grads gets right.
+BATCH_SIZE, LIMIT_TRAIN, LIMIT_TEST = 24, 67, 40
+
+# float32 throughout: two ranks sum each gradient in two halves and then add the halves (and the losses
+# likewise), so the numbers differ from one process's in the last bits. Over these three steps the losses
+# and accuracies measured 1e-8 relative apart and the weights and optimizer states at most 5e-6 in norm,
+# relative; 1e-5 leaves room for other BLAS kernels and still catches a real difference (labels drawn
+# differently, the wrong batch size for the Hessian, unweighted shares), which shows from the first step
+# on. Tensors are compared by norm, not element by element: a coordinate whose averaged gradient is about
+# zero can take the other sign of Sophia's clipped step, which is a few 1e-5 of the largest weight.
+RELATIVE = 1e-5
+
+
+def run_mnist(data_dir: Path, out: Path, nproc: int) -> None:
+    status = cli.main(
+        [
+            "mnist",
+            "--dataset=mnist",
+            f"--data-dir={data_dir}",
+            f"--out={out}",
+            "--optimizers=adam,sophia",
+            "--epochs=1",
+            f"--batch-size={BATCH_SIZE}",
+            f"--limit-train={LIMIT_TRAIN}",
+            f"--limit-test={LIMIT_TEST}",
+            "--hessian-every=1",
+            "--threads=1",
+            f"--nproc={nproc}",
+        ]
+    )
+    assert status == 0
+
+
+def results(out: Path) -> dict[str, Any]:
+    document: dict[str, Any] = json.loads((out / "results.json").read_text())
+    return document
+
+
+def test_two_processes_give_the_single_process_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A hung rank must fail the test, not stall the suite.
+    monkeypatch.setattr(
+        distributed, "launch", functools.partial(distributed.launch, timeout=120, collective_timeout=60)
+    )
+    write_dataset(tmp_path / "data")
+    run_mnist(tmp_path / "data", tmp_path / "one", nproc=1)
+    run_mnist(tmp_path / "data", tmp_path / "two", nproc=2)
+
+    single, parallel = results(tmp_path / "one"), results(tmp_path / "two")
+    assert parallel["environment"]["nproc"] == 2
+    assert parallel["config"] == single["config"]
+    assert list(parallel["optimizers"]) == ["adam", "sophia"]
+    for name, expected in single["optimizers"].items():
+        got = parallel["optimizers"][name]
+        assert got["diverged"] is expected["diverged"] is False
+        assert len(got["epochs"]) == len(expected["epochs"]) == 1
+        got_epoch, expected_epoch = got["epochs"][0], expected["epochs"][0]
+        assert got_epoch["steps"] == expected_epoch["steps"] == math.ceil(LIMIT_TRAIN / BATCH_SIZE)
+        for key in ("train_loss", "test_loss", "test_accuracy"):
+            assert got_epoch[key] == pytest.approx(expected_epoch[key], rel=RELATIVE), (name, key)
+
+        # The checkpoints (rank 0's) hold the weights and, for Sophia, the Hessian estimate: its labels are
+        # sampled and it is scaled by the batch size, so it matches only if both are the single process's.
+        one = torch.load(tmp_path / "one" / "checkpoints" / f"{name}.pt", weights_only=True)
+        two = torch.load(tmp_path / "two" / "checkpoints" / f"{name}.pt", weights_only=True)
+        for key, tensor in one["model"].items():
+            assert_close_in_norm(two["model"][key], tensor, f"{name} {key}")
+        assert two["optimizer"]["state"].keys() == one["optimizer"]["state"].keys()
+        for index, state in one["optimizer"]["state"].items():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    assert_close_in_norm(two["optimizer"]["state"][index][key], value, f"{name} state {index} {key}")
+                else:
+                    assert two["optimizer"]["state"][index][key] == value
+        if name == "sophia":
+            assert "hessian" in one["optimizer"]["state"][0]
+
+
+def assert_close_in_norm(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    distance = torch.linalg.vector_norm(got - expected).item()
+    assert distance <= RELATIVE * torch.linalg.vector_norm(expected).item(), (what, distance)
