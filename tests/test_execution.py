@@ -439,13 +439,10 @@ def test_compiled_schedules_and_steps_do_not_recompile() -> None:
 
 
 def test_compile_failure_warns_once_and_runs_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(tag: str) -> Callable[..., None]:
-        def fail(*args: Any) -> None:
-            raise RuntimeError("no C++ compiler")
+    def broken(graph_module: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., None]:
+        raise RuntimeError("no C++ compiler")
 
-        return fail
-
-    monkeypatch.setattr(execution, "_compile_update", broken)
+    monkeypatch.setattr(torch._inductor, "compile", broken)
     monkeypatch.setattr(execution, "_warned", set())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

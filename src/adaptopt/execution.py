@@ -39,19 +39,28 @@ only, so a run is reproducible.
 from __future__ import annotations
 
 import operator
-import types
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .compiled import CompiledUpdate, compilation_supported
+
 if TYPE_CHECKING:
     from .base import GenericAdaptiveOptimizer, Group, Scalars, State
 
-__all__ = ["AUTO_COMPILE_WORK", "EAGER_CHUNK", "EXECUTION_MODES", "Bucket", "BucketedExecution"]
+__all__ = [
+    "AUTO_COMPILE_WORK",
+    "COMPILED_VARIANTS",
+    "EAGER_CHUNK",
+    "EXECUTION_MODES",
+    "IN_PLACE_GRAD_NUMEL",
+    "Bucket",
+    "BucketedExecution",
+]
 
 EXECUTION_MODES = ("auto", "reference", "bucketed", "compiled")
 
@@ -62,6 +71,16 @@ working set of one call in the last-level cache."""
 AUTO_COMPILE_WORK = 1 << 30
 """Element-updates a bucket does eagerly before `execution="auto"` compiles it (about a second of eager
 work on a desktop CPU; a compilation costs a few): 64 steps of 16M elements, 2500 of MNIST's CNN."""
+
+IN_PLACE_GRAD_NUMEL = 1 << 16
+"""A param of at least this many elements whose grad is not the bucket's view (torch's default `zero_grad()`
+sets grads to None, so backward hands over new tensors) is stepped reading that grad where it lies, in a
+segment of its own: one more call of the update instead of two more passes over the grad to copy it into
+the bucket. Smaller grads are copied, as one call costs more than their copy."""
+
+COMPILED_VARIANTS = 8
+"""Compiled updates an optimizer may make (one per set of hyper-parameters and branch); past that, say when
+a scheduler changes `betas` every step, the new variants run eagerly."""
 
 
 def validate_execution(execution: Any) -> str:
@@ -134,31 +153,6 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def _compiled_update(
-    optimizer: GenericAdaptiveOptimizer,
-    state: State,
-    group: Group,
-    grad: torch.Tensor,
-    param: torch.Tensor,
-    names: tuple[str, ...],
-    fixed: Scalars,
-    packed: torch.Tensor,
-) -> None:
-    """What `torch.compile` traces: `_update` with the float scalars unpacked from one float64 tensor."""
-    scalars = dict(fixed)
-    for index, name in enumerate(names):
-        scalars[name] = packed[index]
-    optimizer._update(state, group, grad, param, scalars)
-
-
-def _compile_update(tag: str) -> Callable[..., None]:
-    """A compiled `_compiled_update` with its own code object, hence its own cache and recompile limit."""
-    code = _compiled_update.__code__.replace(co_name=f"_compiled_update_{tag}")
-    function = types.FunctionType(code, _compiled_update.__globals__, code.co_name)
-    compiled: Callable[..., None] = torch.compile(function, fullgraph=True, dynamic=False)
-    return compiled
-
-
 @dataclass(eq=False, repr=False)
 class Bucket:
     """The params of one (group, device, dtype) living in one contiguous buffer, with grads and state."""
@@ -174,12 +168,16 @@ class Bucket:
     state_views: list[dict[str, torch.Tensor]]
     data_ptrs: list[int]
     eager_work: int = 0
-    compiled: Callable[..., None] | None = None
+    compiled: CompiledUpdate | None = None
+    """The compiled update the bucket last ran (None while it runs eagerly)."""
     compile_failed: bool = False
     states: list[State] = field(default_factory=list)
     """Each param's state dict as last seen in `optimizer.state` (`_NO_STATE` if it had none)."""
     expected_state: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
     """Per state key, per param: the view its state must hold under that key (None where it has no state)."""
+    large: list[bool] = field(default_factory=list)
+    """Per param: whether it is large enough for its grad to be read in place (`IN_PLACE_GRAD_NUMEL`)."""
+    _segments: dict[tuple[int, int], Segment] = field(default_factory=dict)
 
     @property
     def numel(self) -> int:
@@ -189,11 +187,29 @@ class Bucket:
         """Whether every param still lives in the buffer (not moved by `.to()` or a `p.data =`)."""
         return list(map(torch.Tensor.data_ptr, self.params)) == self.data_ptrs
 
-    def real_slice(self, tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        return _real(tensor[start:stop])
+    def segment(self, start: int, stop: int) -> Segment:
+        """Elements `start:stop` of the buffers, as real tensors (views made once, then reused)."""
+        found = self._segments.get((start, stop))
+        if found is None:
+            if len(self._segments) >= 64:  # Holes in ever new places: do not keep views without end.
+                self._segments.clear()
+            state = {key: buffer[start:stop] for key, buffer in self.state_buffers.items()}
+            param, grad = _real(self.flat_param[start:stop]), _real(self.flat_grad[start:stop])
+            found = self._segments[(start, stop)] = Segment(start, stop, param, grad, state, list(state.values()))
+        return found
 
-    def state_slice(self, start: int, stop: int) -> dict[str, torch.Tensor]:
-        return {key: buffer[start:stop] for key, buffer in self.state_buffers.items()}
+
+@dataclass(frozen=True, eq=False)
+class Segment:
+    """A stretch of a bucket's buffers that one call of the update steps (see `_segments`)."""
+
+    start: int
+    stop: int
+    param: torch.Tensor
+    grad: torch.Tensor
+    """The bucket's grad buffer here; a grad read in place takes its place for the call."""
+    state: dict[str, torch.Tensor]
+    state_list: list[torch.Tensor]
 
 
 class BucketedExecution:
@@ -204,6 +220,8 @@ class BucketedExecution:
         self.mode = mode
         self._records: dict[int, tuple[Group, list[torch.Tensor], int, list[Bucket], list[torch.Tensor]]] = {}
         self._owner: dict[torch.Tensor, tuple[Bucket, int]] = {}
+        self._compiled: dict[Hashable, CompiledUpdate | None] = {}
+        """Compiled updates by their constants (`_constants_key`); None where compiling failed."""
 
     @classmethod
     def for_mode(cls, optimizer: GenericAdaptiveOptimizer, execution: Any) -> BucketedExecution | None:
@@ -250,7 +268,9 @@ class BucketedExecution:
             else:
                 leftovers.append(param)
         buckets = []
-        for members in by_place.values():
+        for place_members in by_place.values():
+            # Large params last: when their grads are read in place, the small ones still make one segment.
+            members = sorted(place_members, key=lambda param: param.numel() >= IN_PLACE_GRAD_NUMEL)
             made = self._make_bucket(group, members, old_grad_views)
             if made is None:
                 leftovers.extend(members)
@@ -295,6 +315,7 @@ class BucketedExecution:
             data_ptrs=[view.data_ptr() for view in param_views],
             states=[_NO_STATE] * len(params),
             expected_state={key: [None] * len(params) for key in state_buffers},
+            large=[param.numel() >= IN_PLACE_GRAD_NUMEL for param in params],
         )
         for index, (param, view) in enumerate(zip(params, param_views, strict=True)):
             param.data = view
@@ -370,15 +391,9 @@ class BucketedExecution:
         optimizer = self.optimizer
         params, grad_views, states = bucket.params, bucket.grad_views, bucket.states
         grads = [param.grad for param in params]
+        in_place: dict[int, torch.Tensor] = {}
         if not all(map(operator.is_, grads, grad_views)):
-            foreign = [
-                (param, grad, view)
-                for param, grad, view in zip(params, grads, grad_views, strict=True)
-                if grad is not None and grad is not view
-            ]
-            if foreign:
-                optimizer._params_with_grad([param for param, _, _ in foreign])  # rejects sparse grads
-                torch._foreach_copy_([view for _, _, view in foreign], [grad for _, grad, _ in foreign])
+            in_place = self._take_foreign_grads(bucket, grads)
         self._refresh_states(bucket)
         if not all(states):
             for index, grad in enumerate(grads):
@@ -399,66 +414,106 @@ class BucketedExecution:
                 else:
                     runs.append((index, index + 1, step))
         for first, last, step in runs:
-            self._step_run(group, bucket, first, last, step)
+            self._step_run(group, bucket, first, last, step, in_place)
             for state in states[first:last]:
-                if state is not None:  # always, in a run
-                    state["step"] = step + 1
+                state["step"] = step + 1
 
-    def _step_run(self, group: Group, bucket: Bucket, first: int, last: int, step: int) -> None:
-        start, stop = bucket.offsets[first], bucket.offsets[last]
-        whole = start == 0 and stop == bucket.numel
-        if whole and self._compiled_for(bucket) is not None and self._step_compiled(group, bucket, step):
-            return
+    def _take_foreign_grads(self, bucket: Bucket, grads: list[torch.Tensor | None]) -> dict[int, torch.Tensor]:
+        """Grads that are not the bucket's views: large ones are read where they lie (returned, by param
+        index, as flat real views); the rest are copied into the bucket's grad buffer, one `_foreach_copy_`."""
+        grad_views, large = bucket.grad_views, bucket.large
+        in_place: dict[int, torch.Tensor] = {}
+        targets, sources = [], []
+        for index, grad in enumerate(grads):
+            if grad is None or grad is grad_views[index]:
+                continue
+            if grad.layout != torch.strided:
+                self.optimizer._params_with_grad([bucket.params[index]])  # raises its error for sparse grads
+            if large[index] and _same_layout(grad, grad_views[index]):
+                flat = grad.view(-1) if grad.is_contiguous() else grad.as_strided((grad.numel(),), (1,))
+                in_place[index] = _real(flat)
+            else:
+                targets.append(grad_views[index])
+                sources.append(grad)
+        if targets:
+            torch._foreach_copy_(targets, sources)
+        return in_place
+
+    def _step_run(
+        self, group: Group, bucket: Bucket, first: int, last: int, step: int, in_place: dict[int, torch.Tensor]
+    ) -> None:
+        """Step params `first:last`, all at `step`, one call of the update per segment (see `_segments`)."""
         optimizer = self.optimizer
-        for chunk_start in range(start, stop, EAGER_CHUNK):
-            chunk_stop = min(chunk_start + EAGER_CHUNK, stop)
-            state = {"step": step, **bucket.state_slice(chunk_start, chunk_stop)}
-            optimizer._step_one(
-                state,
-                group,
-                bucket.real_slice(bucket.flat_grad, chunk_start, chunk_stop),
-                bucket.real_slice(bucket.flat_param, chunk_start, chunk_stop),
-            )
-        bucket.eager_work += stop - start
+        scalars = optimizer.step_scalars({"step": step + 1}, group)
+        compiled = self._compiled_for(group, bucket, scalars)
+        packed = None if compiled is None else compiled.pack(scalars)
+        for segment, grad in _segments(bucket, first, last, in_place):
+            if compiled is not None and packed is not None and segment.stop - segment.start >= 2:
+                try:
+                    compiled(segment.param, grad, packed, segment.state_list)
+                    continue
+                except Exception as error:  # Whatever the compiler raises, the eager path still works.
+                    self._compile_failed(group, bucket, scalars, error)
+                    compiled = None
+            length = segment.stop - segment.start
+            for start in range(0, length, EAGER_CHUNK):
+                stop = min(start + EAGER_CHUNK, length)
+                whole = start == 0 and stop == length
+                state = segment.state if whole else {key: value[start:stop] for key, value in segment.state.items()}
+                param = segment.param if whole else segment.param[start:stop]
+                optimizer._update({"step": step + 1, **state}, group, grad[start:stop], param, scalars)
+            bucket.eager_work += length
 
-    def _compiled_for(self, bucket: Bucket) -> Callable[..., None] | None:
-        """The bucket's compiled update, compiling it if the mode says it is time to."""
-        if bucket.compiled is not None or bucket.compile_failed or self.mode == "bucketed":
-            return bucket.compiled
+    def _compiled_for(self, group: Group, bucket: Bucket, scalars: Scalars) -> CompiledUpdate | None:
+        """The compiled update for this step of `bucket`, made on first use, or None to run eagerly."""
+        if self.mode == "bucketed" or bucket.compile_failed:
+            return None
         if self.mode == "auto" and bucket.eager_work < AUTO_COMPILE_WORK:
             return None
-        if not torch._dynamo.eval_frame.is_dynamo_supported():
+        if bucket.compiled is not None and bucket.compiled.fits(group, scalars):
+            return bucket.compiled
+        key = _constants_key(group, bucket, scalars)
+        if key is None:
+            _warn_once(
+                "unhashable",
+                "adaptopt: a param group holds a value that cannot key a compiled update; "
+                "running those buckets eagerly",
+            )
+            return None
+        if key in self._compiled:
+            bucket.compiled = self._compiled[key]
+            return bucket.compiled
+        if not compilation_supported():
             bucket.compile_failed = True
             _warn_once("unsupported", "adaptopt: torch.compile is not supported here; running buckets eagerly")
             return None
-        bucket.compiled = _compile_update(f"{id(bucket):x}")
-        return bucket.compiled
-
-    def _step_compiled(self, group: Group, bucket: Bucket, step: int) -> bool:
-        """One compiled update of the whole bucket; False (after one warning) if compilation failed."""
-        optimizer = self.optimizer
-        state = {"step": step + 1, **bucket.state_buffers}
-        scalars = optimizer.step_scalars(state, group)
-        names = tuple(name for name, value in scalars.items() if isinstance(value, float))
-        fixed = {name: value for name, value in scalars.items() if name not in names}
-        packed = torch.tensor([scalars[name] for name in names], dtype=torch.float64)
-        del state["step"]  # The compiled math must not depend on it: it would recompile every step.
-        constants = {key: value for key, value in group.items() if key != "params"}
-        assert bucket.compiled is not None
-        try:
-            bucket.compiled(
-                optimizer, state, constants, _real(bucket.flat_grad), _real(bucket.flat_param), names, fixed, packed
-            )
-        except Exception as error:  # Whatever the compiler raises, the eager path still works.
-            bucket.compiled = None
-            bucket.compile_failed = True
+        if sum(compiled is not None for compiled in self._compiled.values()) >= COMPILED_VARIANTS:
             _warn_once(
-                "failed",
-                f"adaptopt: torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-                "running buckets eagerly",
+                "variants",
+                f"adaptopt: hyper-parameters took more than {COMPILED_VARIANTS} compiled sets of values (a scheduler "
+                "changing betas?); running the new ones eagerly",
             )
-            return False
-        return True
+            self._compiled[key] = None
+            return None
+        constants = {key: value for key, value in group.items() if key not in ("params", "lr")}
+        tag = f"{id(self):x}_{len(self._compiled)}"
+        state_keys = list(bucket.state_buffers)
+        compiled = CompiledUpdate(self.optimizer, constants, state_keys, scalars, bucket.flat_param.device, tag)
+        self._compiled[key] = bucket.compiled = compiled
+        return compiled
+
+    def _compile_failed(self, group: Group, bucket: Bucket, scalars: Scalars, error: Exception) -> None:
+        """Record that compiling failed (the bucket runs eagerly from now on) and warn, once per process."""
+        self._compiled[_constants_key(group, bucket, scalars)] = None
+        bucket.compiled = None
+        bucket.compile_failed = True
+        # Dynamo wraps what the compiler raised (BackendCompilerFailed): say what that was.
+        while isinstance(inner := getattr(error, "inner_exception", None) or error.__cause__, Exception):
+            error = inner
+        reason = (str(error).splitlines() or [""])[0][:200]
+        _warn_once(
+            "failed", f"adaptopt: torch.compile failed ({type(error).__name__}: {reason}); running buckets eagerly"
+        )
 
     # ------------------------------------------------------------------------------------------------
     # zero_grad(set_to_none=False)
@@ -489,6 +544,61 @@ class BucketedExecution:
             for param in group["params"]:
                 if param not in done and param.grad is not None:
                     _zero_in_place(param.grad)
+
+
+def _segments(
+    bucket: Bucket, first: int, last: int, in_place: dict[int, torch.Tensor]
+) -> Iterator[tuple[Segment, torch.Tensor]]:
+    """Split params `first:last` into what one call of the update can do: segments of the bucket's buffers,
+    each with its grad, the bucket's grad buffer or a grad read in place. Large params come last in a
+    bucket, so when their grads are read in place their smaller neighbours still make one segment."""
+    offsets = bucket.offsets
+    start = offsets[first]
+    for index in range(first, last) if in_place else ():
+        grad = in_place.get(index)
+        if grad is not None:
+            if start < offsets[index]:
+                segment = bucket.segment(start, offsets[index])
+                yield segment, segment.grad
+            yield bucket.segment(offsets[index], offsets[index + 1]), grad
+            start = offsets[index + 1]
+    if start < offsets[last]:
+        segment = bucket.segment(start, offsets[last])
+        yield segment, segment.grad
+
+
+def _same_layout(grad: torch.Tensor, view: torch.Tensor) -> bool:
+    """Whether `grad` holds its elements in one dense stretch, in the order of the bucket's `view`."""
+    return (
+        type(grad) is torch.Tensor
+        and grad.layout == torch.strided
+        and grad.dtype == view.dtype
+        and grad.device == view.device
+        and not grad.requires_grad
+        and grad.shape == view.shape
+        and grad.stride() == view.stride()
+        and (grad.is_contiguous() or _dense(grad))
+    )
+
+
+def _constants_key(group: Group, bucket: Bucket, scalars: Scalars) -> Hashable | None:
+    """What a compiled update depends on besides its tensors and float scalars; None if it is unhashable."""
+    key = (
+        bucket.flat_param.dtype,
+        bucket.flat_param.device,
+        tuple(bucket.state_buffers),
+        tuple((name, float if isinstance(value, float) else value) for name, value in scalars.items()),
+        tuple(
+            (name, tuple(value) if isinstance(value, list) else value)
+            for name, value in group.items()
+            if name not in ("params", "lr")
+        ),
+    )
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def _zero_in_place(grad: torch.Tensor) -> None:
