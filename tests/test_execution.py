@@ -439,10 +439,10 @@ def test_compiled_schedules_and_steps_do_not_recompile() -> None:
 
 
 def test_compile_failure_warns_once_and_runs_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(graph_module: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., None]:
+    def broken(*args: Any, **kwargs: Any) -> Callable[..., None]:
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(torch._inductor, "compile", broken)
+    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", broken)
     monkeypatch.setattr(execution, "_warned", set())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
