@@ -222,6 +222,8 @@ class BucketedExecution:
         self._owner: dict[torch.Tensor, tuple[Bucket, int]] = {}
         self._compiled: dict[Hashable, CompiledUpdate | None] = {}
         """Compiled updates by their constants (`_constants_key`); None where compiling failed."""
+        self._seen_states: list[State] = []
+        """`optimizer.state`'s dicts at the last step (see `_refresh_states`)."""
 
     @classmethod
     def for_mode(cls, optimizer: GenericAdaptiveOptimizer, execution: Any) -> BucketedExecution | None:
@@ -359,11 +361,17 @@ class BucketedExecution:
             if bucket.is_home():
                 self._record_state(bucket, index, state)
 
-    def _refresh_states(self, bucket: Bucket) -> None:
+    def _refresh_states(self, bucket: Bucket, same_dicts: bool) -> None:
         """Take in state that is no longer the bucket's own: whole dicts replaced (`load_state_dict`, ZeRO's
-        `state[p] = {...}`) or single tensors (`state[p]["exp_avg"] = t`), as a load would."""
-        current = list(map(self.optimizer.state.get, bucket.params, repeat(_NO_STATE)))
-        if all(map(operator.is_, current, bucket.states)):
+        `state[p] = {...}`) or single tensors (`state[p]["exp_avg"] = t`), as a load would.
+
+        `same_dicts` says that `optimizer.state` holds the very dicts it held at the last step, so only the
+        tensors in them need checking, through the dicts the bucket keeps (no lookup by param, whose hashing
+        is a Python call per param).
+        """
+        states = bucket.states
+        current = states if same_dicts else list(map(self.optimizer.state.get, bucket.params, repeat(_NO_STATE)))
+        if current is states or all(map(operator.is_, current, states)):
             try:
                 if all(
                     all(map(operator.is_, map(dict.get, current, repeat(key)), expected))
@@ -381,11 +389,15 @@ class BucketedExecution:
     def step_group(self, group: Group) -> list[torch.Tensor]:
         """Step the group's buckets; return the params the reference loop must step."""
         buckets, leftovers = self._buckets_of(group)
+        # One C-level pass over the state dicts tells whether any was replaced, added or removed since the
+        # last step (if a step created state, the next one just checks everything once more).
+        seen, self._seen_states = self._seen_states, list(self.optimizer.state.values())
+        same_dicts = len(seen) == len(self._seen_states) and all(map(operator.is_, seen, self._seen_states))
         for bucket in buckets:
-            self._step_bucket(group, bucket)
+            self._step_bucket(group, bucket, same_dicts)
         return leftovers
 
-    def _step_bucket(self, group: Group, bucket: Bucket) -> None:
+    def _step_bucket(self, group: Group, bucket: Bucket, same_dicts: bool) -> None:
         # The usual case (every grad is our view, every param has state at the same step) costs a few
         # C-level passes over the params and no Python work per param but the step counters.
         optimizer = self.optimizer
@@ -394,7 +406,7 @@ class BucketedExecution:
         in_place: dict[int, torch.Tensor] = {}
         if not all(map(operator.is_, grads, grad_views)):
             in_place = self._take_foreign_grads(bucket, grads)
-        self._refresh_states(bucket)
+        self._refresh_states(bucket, same_dicts)
         if not all(states):
             for index, grad in enumerate(grads):
                 if grad is not None and not states[index]:
@@ -421,22 +433,24 @@ class BucketedExecution:
     def _take_foreign_grads(self, bucket: Bucket, grads: list[torch.Tensor | None]) -> dict[int, torch.Tensor]:
         """Grads that are not the bucket's views: large ones are read where they lie (returned, by param
         index, as flat real views); the rest are copied into the bucket's grad buffer, one `_foreach_copy_`."""
-        grad_views, large = bucket.grad_views, bucket.large
         in_place: dict[int, torch.Tensor] = {}
         targets, sources = [], []
-        for index, grad in enumerate(grads):
-            if grad is None or grad is grad_views[index]:
+        for index, (grad, view, large) in enumerate(zip(grads, bucket.grad_views, bucket.large, strict=True)):
+            if grad is None or grad is view:
                 continue
-            if grad.layout != torch.strided:
-                self.optimizer._params_with_grad([bucket.params[index]])  # raises its error for sparse grads
-            if large[index] and _same_layout(grad, grad_views[index]):
-                flat = grad.view(-1) if grad.is_contiguous() else grad.as_strided((grad.numel(),), (1,))
-                in_place[index] = _real(flat)
+            if large and _same_layout(grad, view):
+                in_place[index] = _real(
+                    grad.view(-1) if grad.is_contiguous() else grad.as_strided((grad.numel(),), (1,))
+                )
             else:
-                targets.append(grad_views[index])
+                targets.append(view)
                 sources.append(grad)
         if targets:
-            torch._foreach_copy_(targets, sources)
+            try:
+                torch._foreach_copy_(targets, sources)
+            except RuntimeError:
+                self.optimizer._params_with_grad(bucket.params)  # says so if it is because a grad is sparse
+                raise
         return in_place
 
     def _step_run(
