@@ -120,8 +120,10 @@ class GenericAdaptiveOptimizer(Optimizer):
         """Update `param` and `state` in place, with this step's `scalars` from `step_scalars`.
 
         The scalars are floats on the reference and bucketed paths and 0-d float64 tensors on the compiled
-        one, so combine them with `+ - * /` and `**` only and hand them to tensor ops (`value=`, `alpha=`);
-        take square roots and the like in `step_scalars`.
+        one, so combine them with `+ - * /` and `**` only, and hand them to tensor ops as a factor, `value=`
+        of `addcmul_`/`addcdiv_` or `alpha=` of `add_` (not of `sub_`: torch.compile hands that one to the
+        kernel in single precision); take square roots and the like in `step_scalars`. The compiled path is
+        tested against the reference for every optimizer, at 1e-12 in float64, which catches such a slip.
         """
         raise NotImplementedError
 

@@ -87,9 +87,11 @@ class CompiledUpdate:
         self._dynamo: Callable[..., Any] = torch.compile(function, fullgraph=True, dynamic=False, backend=self._compile)
         self._kernel: Callable[[list[Any]], Any] | None = None
         """Inductor's compiled graph, called directly (boxed: one list of arguments) once verified."""
-        self._arguments: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None = None
+        self._arguments: Callable[..., tuple[Any, ...]] | None = None
         """Picks the kernel's arguments, in its order, out of `(param, grad, packed, *state, length)`."""
         self._probe: tuple[torch.Tensor, ...] | None = None
+        self._candidate: tuple[Callable[[list[Any]], Any], Callable[..., tuple[Any, ...]]] | None = None
+        """The kernel and its argument order, learned on the compiling call, until they pass the self-test."""
         self._packed = torch.zeros(len(scalar_names), dtype=torch.float64)
         self._packed_numpy = self._packed.numpy() if device.type == "cpu" else None
 
@@ -138,10 +140,15 @@ class CompiledUpdate:
             self._dynamo(param, grad, packed, *state)
         finally:
             self._probe = None
+        if self._candidate is not None:
+            kernel, arguments = self._candidate
+            self._candidate = None
+            if self._reproduces_torch_compile(kernel, arguments, (param, grad, packed, *state)):
+                self._kernel, self._arguments = kernel, arguments
 
     def _compile(self, graph_module: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         """Dynamo's backend: inductor (`compile_fx`), keeping hold of the kernel it compiles, and learning on
-        the call that compiles whether and how to call that kernel directly."""
+        the call that compiles in which order that kernel takes our inputs."""
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
         kernels = []
@@ -166,56 +173,56 @@ class CompiledUpdate:
 
         def run(*args: Any) -> Any:
             if self._probe is not None and kernel is not None:
-                inputs, self._probe = self._probe, None
-                self._learn(graph, kernel, inputs, args)
+                arguments = _argument_order(self._probe, args)
+                if arguments is not None:
+                    self._candidate = (kernel, arguments)
+            self._probe = None
             return graph(*args)
 
         return run
 
-    def _learn(
-        self,
-        graph: Callable[..., Any],
-        kernel: Callable[[list[Any]], Any],
-        inputs: tuple[Any, ...],
-        args: Sequence[Any],
-    ) -> None:
-        """Take `kernel` for direct calls if dynamo's arguments `args` are our `inputs` (each tensor once, by
-        identity, and the length) and, on scratch copies, it computes exactly what `graph` computes."""
-        length = inputs[0].shape[0]
-        plan = []
-        for arg in args:
-            matches = [index for index, tensor in enumerate(inputs) if tensor is arg]
-            if len(matches) == 1:
-                plan.append(matches[0])
-            elif type(arg) is int and arg == length:
-                plan.append(len(inputs))  # where __call__ puts the length
-            else:
-                return
-        if not plan:
-            return
-        pick = operator.itemgetter(*plan)
-        arguments: Callable[[tuple[Any, ...]], tuple[Any, ...]] = (
-            pick if len(plan) > 1 else lambda values: (pick(values),)
-        )
-        scratch_length = min(length, SELF_TEST_LENGTH)
-        generator = torch.Generator(device=inputs[0].device).manual_seed(0)
+    def _reproduces_torch_compile(
+        self, kernel: Callable[[list[Any]], Any], arguments: Callable[..., tuple[Any, ...]], inputs: tuple[Any, ...]
+    ) -> bool:
+        """Whether `kernel`, given `arguments(...)`, updates scratch copies of a prefix of `inputs` exactly as
+        the `torch.compile` path (dynamo, with its own view of the arguments) updates another set of copies."""
+        length = min(inputs[0].shape[0], SELF_TEST_LENGTH)
+        generator = torch.Generator(device=inputs[0].device)
 
-        def scratch() -> tuple[Any, ...]:
+        def scratch() -> list[Any]:
             # The real scalars; a prefix of each tensor, nudged so that no state is all zeros.
-            made: list[Any] = [inputs[0][:scratch_length].clone(), inputs[1][:scratch_length].clone(), inputs[2]]
-            for tensor in inputs[3:]:
-                copy = tensor[:scratch_length].clone()
-                copy.add_(torch.rand(copy.shape, generator=generator, dtype=copy.dtype, device=copy.device))
-                made.append(copy)
             generator.manual_seed(0)
-            return (*made, scratch_length)
+            made: list[Any] = [inputs[0][:length].clone(), inputs[1][:length].clone(), inputs[2]]
+            for tensor in inputs[3:]:
+                copy = tensor[:length].clone()
+                made.append(
+                    copy.add_(torch.rand(copy.shape, generator=generator, dtype=copy.dtype, device=copy.device))
+                )
+            return made
 
         expected, actual = scratch(), scratch()
         try:
-            graph(*arguments(expected))
-            kernel(list(arguments(actual)))
+            self._dynamo(*expected)
+            kernel(list(arguments((*actual, length))))
         except Exception:
-            return
-        tensors = [(want, got) for want, got in zip(expected, actual, strict=True) if isinstance(want, torch.Tensor)]
-        if all(torch.equal(want, got) for want, got in tensors):
-            self._kernel, self._arguments = kernel, arguments
+            return False
+        return all(torch.equal(want, got) for want, got in zip(expected, actual, strict=True))
+
+
+def _argument_order(inputs: tuple[Any, ...], args: Sequence[Any]) -> Callable[..., tuple[Any, ...]] | None:
+    """How to pick dynamo's arguments `args` out of `(*inputs, length)`: each tensor is one of `inputs` (by
+    identity), each int the length of the first; None if anything else shows up."""
+    length = inputs[0].shape[0]
+    plan = []
+    for arg in args:
+        matches = [index for index, tensor in enumerate(inputs) if tensor is arg]
+        if len(matches) == 1:
+            plan.append(matches[0])
+        elif type(arg) is int and arg == length:
+            plan.append(len(inputs))
+        else:
+            return None
+    if not plan:
+        return None
+    pick = operator.itemgetter(*plan)
+    return pick if len(plan) > 1 else lambda values: (pick(values),)

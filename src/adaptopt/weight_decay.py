@@ -99,7 +99,9 @@ def apply_weight_decay(param: torch.Tensor, grad: torch.Tensor, group: dict[str,
         return grad.add(direction, alpha=decay)
     scale = decay if group["weight_decay_absolute"] else lr * decay
     if group["weight_decay_l1"]:
-        param.sub_(direction, alpha=scale)
+        # add_ with -scale, not sub_ with scale (bitwise the same in eager): under torch.compile a tensor
+        # alpha of add_ stays float64 in the kernel, one of sub_ arrives there in single precision.
+        param.add_(direction, alpha=-scale)
     else:
         param.mul_(1.0 - scale)
     return grad
