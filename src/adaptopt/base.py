@@ -197,8 +197,8 @@ class GenericAdaptiveOptimizer(Optimizer):
         """Step the group the way `execution` says: bucketed paths hand back the params they do not own."""
         if self._buckets is None or self._needs_working_copies(group):
             self._step_params(group, group["params"])
-        else:
-            self._step_params(group, self._buckets.step_group(group))
+        elif leftovers := self._buckets.step_group(group):
+            self._step_params(group, leftovers)
 
     def _step_params(self, group: Group, params: Iterable[torch.Tensor]) -> None:
         """The reference execution: one parameter at a time."""
