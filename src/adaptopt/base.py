@@ -20,7 +20,7 @@ The base class owns the rest, the same for every optimizer:
 * `state_dict` in torch's format and a `load_state_dict` that validates everything before it changes
   anything and never rounds state through the parameters' dtype;
 * how the update is executed (`_step_group`, option `execution`): the reference is a plain loop over
-  parameters; `execution.py` runs the same `step_param` once per contiguous bucket of parameters, eagerly or
+  parameters; `execution.py` runs the same `step_param` over contiguous buckets of parameters, eagerly or
   under `torch.compile`.
 
 Because the base has applied decay and maximize before `step_param` is called, and hands it the step's

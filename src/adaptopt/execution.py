@@ -1,39 +1,41 @@
 r"""Fast execution of an optimizer's one `step_param`: contiguous buckets, eagerly or under `torch.compile`.
 
 The reference path (`execution="reference"`, in `base.py`) loops over parameters. An optimizer whose
-`step_param` is elementwise (`elementwise = True`, all of ours) can instead run it once over a *bucket*: all
-params of one (param group, device, dtype) moved into one contiguous buffer, so one call updates them all.
+`step_param` is elementwise (`elementwise = True`, all of ours) can instead run it over a *bucket*: all
+params of one (param group, device, dtype) moved into one contiguous buffer, so one call updates many.
 The technique is Megatron's and DeepSpeed's contiguous buffers; gathering copies into a buffer every step
 costs more than it saves, so the buffers are where the data lives:
 
-* `p.data` is re-homed as a view of the bucket's flat param buffer (same shape and strides);
+* `p.data` is re-homed as a view of the bucket's flat param buffer (same shape and strides), params of
+  `IN_PLACE_GRAD_NUMEL` elements or more ("large") after the small ones;
 * the state is created as views of flat state buffers, one per state tensor (`exp_avg`, ...);
 * each param has a view of a flat grad buffer. Grads that are these views (after
-  `zero_grad(set_to_none=False)`, backward accumulates into them in place) cost nothing; any other grad
+  `zero_grad(set_to_none=False)`, backward accumulates into them in place) cost nothing. Any other grad
   (torch's default `zero_grad()` sets grads to None, so autograd hands over new tensors; clipping that
-  assigns new tensors; DDP's `gradient_as_bucket_view`) is copied into the flat buffer at the step, one
-  `_foreach_copy_` per bucket, and left where it is.
+  assigns new tensors; DDP's `gradient_as_bucket_view`) is left where it is: a large param's is read in place,
+  the small ones are copied into the flat buffer at the step, one `_foreach_copy_` per bucket.
 
-At each step a bucket is stepped in *runs*: maximal stretches of consecutive params that have a grad and the
-same step count, each run one `_step_one` over the run's slice of the buffers (in chunks of `EAGER_CHUNK`
-elements, so the temporaries of `step_param` stay small). All params with grads and equal steps, the usual
-case, is one run. Params the buckets cannot own are handed back to the reference loop: tensor subclasses
-(DTensor), sparse, non-dense or frozen params, params whose storage other tensors share (re-homing would
-untie them), and whole groups that step through working copies (master weights, `state_dtype`,
-GradScaler). Moving the model with `.to()` (or assigning `p.data`) after the optimizer was built is detected
-at the next step, which re-gathers the group: params and state move into new buffers on the params' new
-device, the state cast to what `init_state` gives for the moved params. State that is no longer the bucket's
-views (our `load_state_dict` replacing the whole mapping, ZeRO's assigning `state[p] = {...}` per param, or
-`state[p]["exp_avg"] = t` by hand) is copied into the buffers at the next step, and the views take its place.
+At each step a bucket is stepped in *runs*, maximal stretches of consecutive params that have a grad and the
+same step count (all params with grads and equal steps, the usual case, is one run), and a run in *segments*
+(`_segments`): stretches of the buffers whose grads are in the flat grad buffer, and large params whose grads
+are read in place. Each segment is one call of the update (eagerly, in chunks of `EAGER_CHUNK` elements, so
+the temporaries of `step_param` stay small). Params the buckets cannot own are handed back to the reference
+loop: tensor subclasses (DTensor), sparse, non-dense or frozen params, params whose storage other tensors
+share (re-homing would untie them), and whole groups that step through working copies (master weights,
+`state_dtype`, GradScaler). Moving the model with `.to()` (or assigning `p.data`) after the optimizer was
+built is detected at the next step, which re-gathers the group: params and state move into new buffers on the
+params' new device, the state cast to what `init_state` gives for the moved params. State that is no longer
+the bucket's views (our `load_state_dict` replacing the whole mapping, ZeRO's assigning `state[p] = {...}` per
+param, or `state[p]["exp_avg"] = t` by hand) is copied into the buffers at the next step, and the views take
+its place.
 
-`execution="compiled"` runs a whole-bucket run through `torch.compile` (one fused loop per bucket). The
-per-step numbers of `step_scalars` (rate, bias corrections, rectifier) enter as one float64 tensor, so a new
-step or a schedule changes inputs, not code, and triggers no recompile; a `None` among them (RAdam's
-rectifier before $\rho_t > 5$) selects a branch, which compiles once per branch. Where compilation is not
-available or fails, it warns once and runs eagerly. `execution="auto"` is bucketed and compiles a bucket
-once it has done `AUTO_COMPILE_WORK` element-updates eagerly, so short runs (and test suites) never pay the
-seconds a compilation costs, and long ones get the fused loop; the switch point depends on sizes and steps
-only, so a run is reproducible.
+`execution="compiled"` runs each segment through a `CompiledUpdate` (`compiled.py`): one `torch.compile`d
+update per set of constants (hyper-parameters, branch), of dynamic length, shared by all segments and buckets
+of the optimizer, called straight into inductor's kernel on the CPU. Where compilation is not available or
+fails, it warns once and runs eagerly. `execution="auto"` is bucketed and compiles a bucket once it has done
+`AUTO_COMPILE_WORK` element-updates eagerly, so short runs (and test suites) never pay the seconds a
+compilation costs, and long ones get the fused loop; the switch point depends on sizes and steps only, so a
+run is reproducible.
 """
 
 from __future__ import annotations
