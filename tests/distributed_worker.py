@@ -18,6 +18,7 @@ import copy
 import functools
 import itertools
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +41,12 @@ STEPS = STEPS_BEFORE_CHECKPOINT + STEPS_AFTER_CHECKPOINT
 HESSIAN_EVERY = 2
 """Sophia estimates its Hessian every second step, so both halves of a resumed run contain estimates."""
 
-EXECUTIONS = ("default", "reference")
-""""default" leaves the choice to the optimizer ("auto": contiguous buckets, where params allow them);
-"reference" forces the plain loop over params."""
+EXECUTIONS = ("default", "reference", "compiled")
+""""default" leaves the choice to the optimizer ("auto": contiguous buckets, where params allow them, eager
+in runs this short); "reference" forces the plain loop over params; "compiled" the buckets under
+torch.compile, which must then compile: its warning that it fell back to eager is an error here."""
+
+warnings.filterwarnings("error", message=r"adaptopt: torch\.compile")
 
 
 @dataclass(frozen=True)
