@@ -92,6 +92,7 @@ class CompiledUpdate:
         self._probe: tuple[torch.Tensor, ...] | None = None
         self._candidate: tuple[Callable[[list[Any]], Any], Callable[..., tuple[Any, ...]]] | None = None
         """The kernel and its argument order, learned on the compiling call, until they pass the self-test."""
+        self._device = device
         self._packed = torch.zeros(len(scalar_names), dtype=torch.float64)
         self._packed_numpy = self._packed.numpy() if device.type == "cpu" else None
 
@@ -115,12 +116,13 @@ class CompiledUpdate:
 
         On the CPU it is the same tensor every step, rewritten in place through numpy: the calls that read
         it have returned before the next step writes it, and one torch op fewer per step is worth having
-        when the whole step of a small model takes 0.3 ms. Elsewhere the update may still be running
-        asynchronously when the next step comes, so each step gets a new tensor.
+        when the whole step of a small model takes 0.3 ms. On an accelerator the update may still be running
+        asynchronously when the next step comes, so each step gets a new tensor, on that device: a CPU
+        tensor there would be read through `.item()`, into single precision.
         """
         values = [scalars[name] for name in self.names]
         if self._packed_numpy is None:
-            return torch.tensor(values, dtype=torch.float64)
+            return torch.tensor(values, dtype=torch.float64, device=self._device)
         self._packed_numpy[:] = values
         return self._packed
 

@@ -179,7 +179,8 @@ class Bucket:
     """Per state key, per param: the view its state must hold under that key (None where it has no state)."""
     large: list[bool] = field(default_factory=list)
     """Per param: whether it is large enough for its grad to be read in place (`IN_PLACE_GRAD_NUMEL`)."""
-    _segments: dict[tuple[int, int], Segment] = field(default_factory=dict)
+    segment_views: dict[tuple[int, int], Segment] = field(default_factory=dict)
+    """The `Segment`s made so far, by `(start, stop)`."""
 
     @property
     def numel(self) -> int:
@@ -191,13 +192,13 @@ class Bucket:
 
     def segment(self, start: int, stop: int) -> Segment:
         """Elements `start:stop` of the buffers, as real tensors (views made once, then reused)."""
-        found = self._segments.get((start, stop))
+        found = self.segment_views.get((start, stop))
         if found is None:
-            if len(self._segments) >= 64:  # Holes in ever new places: do not keep views without end.
-                self._segments.clear()
+            if len(self.segment_views) >= 64:  # Holes in ever new places: do not keep views without end.
+                self.segment_views.clear()
             state = {key: buffer[start:stop] for key, buffer in self.state_buffers.items()}
             param, grad = _real(self.flat_param[start:stop]), _real(self.flat_grad[start:stop])
-            found = self._segments[(start, stop)] = Segment(start, stop, param, grad, state, list(state.values()))
+            found = self.segment_views[(start, stop)] = Segment(start, stop, param, grad, state, list(state.values()))
         return found
 
 
