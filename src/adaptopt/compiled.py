@@ -117,8 +117,8 @@ class CompiledUpdate:
         On the CPU it is the same tensor every step, rewritten in place through numpy: the calls that read
         it have returned before the next step writes it, and one torch op fewer per step is worth having
         when the whole step of a small model takes 0.3 ms. On an accelerator the update may still be running
-        asynchronously when the next step comes, so each step gets a new tensor, on that device: a CPU
-        tensor there would be read through `.item()`, into single precision.
+        asynchronously when the next step comes, so each step gets a new tensor, on that device, so that the
+        compiled graph does not mix devices (not tested here: this machine has no accelerator).
         """
         values = [scalars[name] for name in self.names]
         if self._packed_numpy is None:
