@@ -93,8 +93,8 @@ class CompiledUpdate:
         self._candidate: tuple[Callable[[list[Any]], Any], Callable[..., tuple[Any, ...]]] | None = None
         """The kernel and its argument order, learned on the compiling call, until they pass the self-test."""
         self._device = device
-        self._packed = torch.zeros(len(scalar_names), dtype=torch.float64)
-        self._packed_numpy = self._packed.numpy() if device.type == "cpu" else None
+        self._packed = torch.zeros(len(scalar_names), dtype=torch.float64) if device.type == "cpu" else None
+        self._packed_numpy = None if self._packed is None else self._packed.numpy()
 
     @property
     def direct(self) -> bool:
@@ -121,7 +121,7 @@ class CompiledUpdate:
         compiled graph does not mix devices (not tested here: this machine has no accelerator).
         """
         values = [scalars[name] for name in self.names]
-        if self._packed_numpy is None:
+        if self._packed is None or self._packed_numpy is None:
             return torch.tensor(values, dtype=torch.float64, device=self._device)
         self._packed_numpy[:] = values
         return self._packed
