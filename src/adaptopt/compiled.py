@@ -168,10 +168,13 @@ class CompiledUpdate:
             if hasattr(functorch_config, "enable_autograd_cache")
             else contextlib.nullcontext()
         )
-        with no_autograd_cache:
+        # Size asserts re-check, on every call, what dynamo's guards or `__call__`'s callers already ensure.
+        with no_autograd_cache, torch._inductor.config.patch(size_asserts=False):
             graph = cast(Callable[..., Any], compile_fx(graph_module, example_inputs, inner_compile=inner_compile))
         CompiledUpdate.compilations += 1
         kernel = kernels[0] if len(kernels) == 1 and getattr(kernels[0], "_boxed_call", False) else None
+        # The compiled graph's own wrapper only adds debugging and autotuning hooks around its callable.
+        kernel = getattr(kernel, "current_callable", None) or kernel
 
         def run(*args: Any) -> Any:
             if self._probe is not None and kernel is not None:
