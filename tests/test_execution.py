@@ -225,6 +225,17 @@ def foreign_grad_views(step: int, model: nn.Module, optimizer: torch.optim.Optim
         offset += param.numel()
 
 
+def scale_grad_data(step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    # Old manual-averaging code: `p.grad.data = ...` moves the data of the same grad object elsewhere (after
+    # zero_grad(set_to_none=False) that object is the bucket's view). A zero_grad then must zero the grad too.
+    for param in model.parameters():
+        assert param.grad is not None
+        param.grad.data = param.grad.data / 3
+    if step % 4 == 1:
+        optimizer.zero_grad(set_to_none=False)
+        model[0].bias.grad.data = torch.ones_like(model[0].bias)
+
+
 FAST_PATHS = ["bucketed", "compiled"]
 """The paths that must equal the reference through every situation below (bitwise, or, compiled, to the
 last bit of an FMA; see `assert_same`)."""
@@ -232,13 +243,32 @@ last bit of an FMA; see `assert_same`)."""
 
 @pytest.mark.parametrize("path", FAST_PATHS)
 @pytest.mark.parametrize("set_to_none", [True, False])
-@pytest.mark.parametrize("mutate", [clip_by_new_tensors, drop_some_grads, foreign_grad_views])
+@pytest.mark.parametrize("mutate", [clip_by_new_tensors, drop_some_grads, foreign_grad_views, scale_grad_data])
 @pytest.mark.parametrize("name", ["adam", "radam", "sophia"])
 def test_grads_replaced_missing_or_foreign(name: str, mutate: Mutate, set_to_none: bool, grads: str, path: str) -> None:
     options = dict(CONFIGS)[name]
     expected = reference(name, options, mutate=mutate, set_to_none=set_to_none)
     actual = train(name, options, path, mutate=mutate, set_to_none=set_to_none)
     assert_same(expected, actual, exact=path == "bucketed")
+
+
+@pytest.mark.parametrize("path", ["reference", *FAST_PATHS])
+def test_autograd_sees_the_step_modify_params(path: str) -> None:
+    # torch.optim's in-place updates bump each param's version, so a backward through a graph that saved a
+    # param before the step fails instead of using the new values. The buckets' kernels write the buffers,
+    # so the bucketed paths bump the versions themselves.
+    model, optimizer = train("adam", {}, path, steps=2)
+    data = torch.randn(4, 5, dtype=F64, requires_grad=True)
+    loss = model(data).pow(2).sum()  # saves the weights, to compute the grad of `data`
+    versions = [param._version for param in model.parameters()]
+    for param in model.parameters():
+        param.grad = torch.ones_like(param)
+    model[2].bias.grad = None  # not stepped, so not modified
+    optimizer.step()
+    stepped = [param._version > version for param, version in zip(model.parameters(), versions, strict=True)]
+    assert stepped == [True, True, True, False]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
 
 
 def test_foreign_grad_views_are_zeroed_in_place_not_replaced() -> None:

@@ -169,6 +169,8 @@ class Bucket:
     """Flat state, shaped like `view_as_real(flat_param)`."""
     state_views: list[dict[str, torch.Tensor]]
     data_ptrs: list[int]
+    grad_ptrs: list[int]
+    """Where each grad view's data starts, to notice a `p.grad.data = t` that moved it elsewhere."""
     eager_work: int = 0
     compiled: CompiledUpdate | None = None
     """The compiled update the bucket last ran (None while it runs eagerly)."""
@@ -189,6 +191,13 @@ class Bucket:
     def is_home(self) -> bool:
         """Whether every param still lives in the buffer (not moved by `.to()` or a `p.data =`)."""
         return list(map(torch.Tensor.data_ptr, self.params)) == self.data_ptrs
+
+    def reclaim_grad(self, index: int) -> torch.Tensor:
+        """Put grad view `index` back on the grad buffer after a `p.grad.data = t` moved it; return `t`."""
+        view = self.grad_views[index]
+        moved = view.detach()
+        view.data = _alias(self.flat_grad, self.offsets[index], self.params[index])
+        return moved
 
     def segment(self, start: int, stop: int) -> Segment:
         """Elements `start:stop` of the buffers, as real tensors (views made once, then reused)."""
@@ -318,6 +327,7 @@ class BucketedExecution:
             state_buffers=state_buffers,
             state_views=state_views,
             data_ptrs=[view.data_ptr() for view in param_views],
+            grad_ptrs=[view.data_ptr() for view in grad_views],
             states=[_NO_STATE] * len(params),
             expected_state={key: [None] * len(params) for key in state_buffers},
             large=[param.numel() >= IN_PLACE_GRAD_NUMEL for param in params],
@@ -407,7 +417,10 @@ class BucketedExecution:
         params, grad_views, states = bucket.params, bucket.grad_views, bucket.states
         grads = [param.grad for param in params]
         in_place: dict[int, torch.Tensor] = {}
-        if not all(map(operator.is_, grads, grad_views)):
+        if (
+            not all(map(operator.is_, grads, grad_views))
+            or list(map(torch.Tensor.data_ptr, grad_views)) != bucket.grad_ptrs
+        ):
             in_place = self._take_foreign_grads(bucket, grads)
         self._refresh_states(bucket, same_dicts)
         if not all(states):
@@ -432,14 +445,22 @@ class BucketedExecution:
             self._step_run(group, bucket, first, last, step, in_place)
             for state in states[first:last]:
                 state["step"] = step + 1
+            # The kernels wrote the buffers, not the params: tell autograd, as torch.optim's in-place ops do.
+            _increment_versions(params[first:last])
 
     def _take_foreign_grads(self, bucket: Bucket, grads: list[torch.Tensor | None]) -> dict[int, torch.Tensor]:
         """Grads that are not the bucket's views: large ones are read where they lie (returned, by param
-        index, as flat real views); the rest are copied into the bucket's grad buffer, one `_foreach_copy_`."""
+        index, as flat real views); the rest are copied into the bucket's grad buffer, one `_foreach_copy_`.
+        So is the data of a view that `p.grad.data = t` moved: the view goes back to the buffer, holding `t`."""
         in_place: dict[int, torch.Tensor] = {}
         targets, sources = [], []
         for index, (grad, view, large) in enumerate(zip(grads, bucket.grad_views, bucket.large, strict=True)):
-            if grad is None or grad is view:
+            if grad is None:
+                continue
+            if grad is view:
+                if grad.data_ptr() != bucket.grad_ptrs[index]:
+                    targets.append(view)
+                    sources.append(bucket.reclaim_grad(index))
                 continue
             if large and _same_layout(grad, view):
                 in_place[index] = _real(
@@ -547,10 +568,13 @@ class BucketedExecution:
             for bucket in buckets:
                 if not bucket.is_home():
                     continue
-                for param, view in zip(bucket.params, bucket.grad_views, strict=True):
+                for index, (param, view) in enumerate(zip(bucket.params, bucket.grad_views, strict=True)):
                     grad = param.grad
-                    if grad is None or grad is view:
+                    if grad is None:
                         pass
+                    elif grad is view:
+                        if grad.data_ptr() != bucket.grad_ptrs[index]:
+                            bucket.reclaim_grad(index)
                     elif grad._base is None and grad.grad_fn is None and grad.layout == torch.strided:
                         param.grad = view
                     else:
@@ -616,6 +640,14 @@ def _constants_key(group: Group, bucket: Bucket, scalars: Scalars) -> Hashable |
     except TypeError:
         return None
     return key
+
+
+def _increment_versions(params: list[torch.Tensor]) -> None:
+    try:
+        torch.autograd.graph.increment_version(params)
+    except TypeError:  # A torch that takes one tensor at a time.
+        for param in params:
+            torch.autograd.graph.increment_version(param)
 
 
 def _zero_in_place(grad: torch.Tensor) -> None:
