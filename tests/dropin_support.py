@@ -1,7 +1,9 @@
 """What the drop-in tests share: every adaptopt optimizer with settings that exercise it, a small model with
 deterministic batches, a training step (with Sophia's Hessian estimate), and deep comparisons of state.
 
-Used by test_checkpoints, test_torch_contract, test_amp, test_master_weights and test_hostile.
+Used by test_checkpoints, test_torch_contract, test_amp, test_master_weights and test_hostile, which run on
+one intra-op thread (conftest's `single_thread`): they step tensors of tens of elements, and a second thread
+only adds synchronisation, which on a loaded 2-core machine made a 10-step run take 0.4 s instead of 5 ms.
 """
 
 from __future__ import annotations
@@ -16,10 +18,6 @@ import torch.nn.functional as F
 import adaptopt
 from adaptopt import WeightDecay
 from adaptopt.base import CommonOptions
-
-# These tests step tensors of tens of elements: a second intra-op thread only adds synchronisation, which
-# on a loaded 2-core machine made a 10-step run take 0.4 s instead of 5 ms. (This is process-wide.)
-torch.set_num_threads(1)
 
 FEATURES, HIDDEN, CLASSES, BATCH = 6, 10, 3, 12
 

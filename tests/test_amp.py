@@ -14,6 +14,8 @@ import torch
 
 from dropin_support import NAMES, assert_identical, assert_same_params, make_model, make_optimizer, snapshot, train
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 class Autocast(torch.nn.Module):
     """A model whose forward runs under autocast to bf16 (the CPU's low-precision autocast dtype)."""

@@ -27,6 +27,8 @@ from dropin_support import (
     train,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 BEFORE, AFTER = 5, 5  # RAdam's rectified branch starts at step 6: the resumed part crosses it.
 
 

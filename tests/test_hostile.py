@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from adaptopt import WeightDecay
 from dropin_support import NAMES, assert_identical, make_optimizer, reference_execution, snapshot
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 

@@ -16,6 +16,8 @@ from dropin_support import (
     train,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 LOW = [torch.bfloat16, torch.float16]
 
 

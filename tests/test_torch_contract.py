@@ -22,6 +22,8 @@ from dropin_support import (
     train,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 lr_scheduler = torch.optim.lr_scheduler
 STEPS = 8
 # ReduceLROnPlateau watches a metric: it improves, stalls twice (patience 1), improves, stalls again.
