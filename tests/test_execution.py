@@ -51,15 +51,21 @@ CONFIGS: list[tuple[str, dict[str, Any]]] = [
 NAMES = [name for name in adaptopt.available() if name != "sgd"]
 STEPS = 20
 MLP_WEIGHTS_ARE_LARGE = 20
-"""An `IN_PLACE_GRAD_NUMEL` under which the MLP's weights (35 and 21 elements) are large, its biases not."""
+"""An `IN_PLACE_GRAD_NUMEL` (and `ROW_GRAD_NUMEL`) under which the MLP's weights (35 and 21 elements) are
+large, its biases not."""
+
+
+def weights_are_large(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(execution, "IN_PLACE_GRAD_NUMEL", MLP_WEIGHTS_ARE_LARGE)
+    monkeypatch.setattr(execution, "ROW_GRAD_NUMEL", MLP_WEIGHTS_ARE_LARGE)
 
 
 @pytest.fixture(params=["copied", "in place"])
 def grads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Foreign grads of large params copied into the bucket (the MLP has none at the real threshold) or read
-    where they lie."""
+    """Foreign grads of large params copied into the bucket (the MLP has none at the real thresholds) or read
+    where they lie (by a segment of their own, or a row of their own when compiled)."""
     if request.param == "in place":
-        monkeypatch.setattr(execution, "IN_PLACE_GRAD_NUMEL", MLP_WEIGHTS_ARE_LARGE)
+        weights_are_large(monkeypatch)
     return str(request.param)
 
 
@@ -236,6 +242,12 @@ def scale_grad_data(step: int, model: nn.Module, optimizer: torch.optim.Optimize
         model[0].bias.grad.data = torch.ones_like(model[0].bias)
 
 
+def transposed_grads(step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    # Right shape, other strides: cannot be read in place as the bucket's view would be, so it is copied.
+    for layer in (model[0], model[2]):
+        layer.weight.grad = layer.weight.grad.t().contiguous().t()
+
+
 FAST_PATHS = ["bucketed", "compiled"]
 """The paths that must equal the reference through every situation below (bitwise, or, compiled, to the
 last bit of an FMA; see `assert_same`)."""
@@ -243,7 +255,9 @@ last bit of an FMA; see `assert_same`)."""
 
 @pytest.mark.parametrize("path", FAST_PATHS)
 @pytest.mark.parametrize("set_to_none", [True, False])
-@pytest.mark.parametrize("mutate", [clip_by_new_tensors, drop_some_grads, foreign_grad_views, scale_grad_data])
+@pytest.mark.parametrize(
+    "mutate", [clip_by_new_tensors, drop_some_grads, foreign_grad_views, scale_grad_data, transposed_grads]
+)
 @pytest.mark.parametrize("name", ["adam", "radam", "sophia"])
 def test_grads_replaced_missing_or_foreign(name: str, mutate: Mutate, set_to_none: bool, grads: str, path: str) -> None:
     options = dict(CONFIGS)[name]
@@ -486,19 +500,29 @@ def test_master_weight_groups_take_the_reference_path() -> None:
 
 
 @pytest.mark.parametrize(("name", "options"), CONFIGS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CONFIGS)])
-def test_compiled_equals_reference(name: str, options: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    # Segments of three lengths (the small params', 35 and 21): one compilation serves them all.
-    monkeypatch.setattr(execution, "IN_PLACE_GRAD_NUMEL", MLP_WEIGHTS_ARE_LARGE)
-    expected = reference(name, options)
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_compiled_equals_reference(
+    name: str, options: dict[str, Any], set_to_none: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Calls of three lengths (the small params', 35 and 21): one compilation serves them all. With torch's
+    # zero_grad, rows from C, the weights' grads read where autograd left them; with set_to_none=False,
+    # one segment, the bucket's grad buffer.
+    weights_are_large(monkeypatch)
+    expected = reference(name, options, set_to_none=set_to_none)
     compilations = CompiledUpdate.compilations
-    actual = train(name, options, "compiled")
+    actual = train(name, options, "compiled", set_to_none=set_to_none)
     assert_same(expected, actual, exact=False)
     (bucket,) = buckets(actual[1])
     assert bucket.compiled is not None and not bucket.compile_failed
     variants = list(compiled_updates(actual[1]))
-    # One per branch (RAdam's and AdaBelief's rectifier off, then on); on the CPU, called directly.
+    # One per branch (RAdam's and AdaBelief's rectifier off, then on); on the CPU, called directly, from C.
     assert 1 <= len(variants) <= 2 and CompiledUpdate.compilations - compilations == len(variants)
-    assert all(variant is not None and variant.direct for variant in variants)
+    assert all(variant is not None and variant.direct and variant.calls_rows for variant in variants)
+    rows_called = sum(variant.row_calls for variant in variants if variant is not None)
+    assert rows_called == (STEPS - len(variants) if set_to_none else 0)  # all but the compiling steps
+    if set_to_none:
+        assert bucket.large == [False, False, True, True] and bucket.row_small == 2
+        assert not bucket.grad_views[2].any() and not bucket.grad_views[3].any()  # never copied
 
 
 def compiled_updates(optimizer: torch.optim.Optimizer) -> list[CompiledUpdate | None]:
@@ -560,6 +584,23 @@ def test_a_kernel_that_does_not_reproduce_torch_compile_is_not_called_directly(m
     actual = train("adam", {}, "compiled")
     assert_same(reference("adam", {}), actual, exact=False)
     assert [variant is not None and variant.direct for variant in compiled_updates(actual[1])] == [False]
+
+
+def test_rows_that_do_not_reproduce_torch_compile_are_not_called(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Were the C loop over rows wrong (here: it skips the last row), the self-test on scratch rows must catch
+    # it, and steps then go through the segments, kernel called directly from Python.
+    real = compiled._rows_function()
+    assert real is not None
+
+    def skipping_the_last_row(kernel: int, arity: int, table: int, rows: int) -> None:
+        real(kernel, arity, table, rows - 1)
+
+    monkeypatch.setattr(compiled, "_rows_function", lambda: skipping_the_last_row)
+    actual = train("adam", {}, "compiled")
+    assert_same(reference("adam", {}), actual, exact=False)
+    assert [(variant.direct, variant.calls_rows) for variant in compiled_updates(actual[1]) if variant] == [
+        (True, False)
+    ]
 
 
 def test_compile_failure_warns_once_and_runs_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -29,11 +29,15 @@ argument) keeps going through `torch.compile`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import operator
+import platform
+import sys
 import types
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -43,6 +47,60 @@ __all__ = ["CompiledUpdate", "compilation_supported"]
 
 SELF_TEST_LENGTH = 64
 """Elements of the scratch inputs on which a directly called kernel must match `torch.compile`'s path."""
+
+SELF_TEST_ROWS = ((0, 20), (20, 22), (22, SELF_TEST_LENGTH))
+"""The rows `call_rows` must step as `torch.compile` steps the whole: the first reads the flat grad, the
+others grads of their own."""
+
+_ROW_CALLS = "\n".join(
+    f"            case {arity}: reinterpret_cast<void (*)({', '.join(['word'] * arity)})>(kernel)"
+    f"({', '.join(f'a[{index}]' for index in range(arity))}); break;"
+    for arity in range(1, 33)
+)
+_ROWS_SOURCE = """
+#include <cstdint>
+typedef int64_t word;
+// Each row of `table` is one call's arguments: the kernel's pointers and its length, all passed as 64-bit
+// integers (which is how the x86-64 and AArch64 calling conventions pass pointers too).
+extern "C" void adaptopt_call_rows(void* kernel, int64_t arity, const int64_t* table, int64_t rows) {
+    for (int64_t row = 0; row < rows; ++row) {
+        const word* a = table + row * arity;
+        switch (arity) {
+ROW_CALLS
+        }
+    }
+}
+""".replace("ROW_CALLS", _ROW_CALLS)
+_row_caller: Any = None
+"""`adaptopt_call_rows`, compiled on first need; False where that failed or the platform does not fit."""
+
+
+def _rows_function() -> Any:
+    """The C loop that calls a kernel once per row of a table, or None where it is not available."""
+    global _row_caller
+    if _row_caller is None:
+        _row_caller = False
+        if sys.maxsize > 2**32 and platform.machine().lower() in ("x86_64", "amd64", "aarch64", "arm64"):
+            try:
+                from torch._inductor.codecache import CppCodeCache
+
+                function = CppCodeCache.load(_ROWS_SOURCE).adaptopt_call_rows
+                function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+                function.restype = None
+                _row_caller = function
+            except Exception:  # No compiler, or inductor's internals moved: steps go through Python calls.
+                pass
+    return _row_caller or None
+
+
+def _is_cpp_binding(value: Any) -> bool:
+    """Whether `value` is a function of a compiled extension module (how inductor's wrappers hold kernels)."""
+    module = getattr(value, "__self__", None)
+    return (
+        isinstance(value, types.BuiltinFunctionType)
+        and isinstance(module, types.ModuleType)
+        and str(getattr(module, "__file__", "")).endswith((".so", ".pyd", ".dylib"))
+    )
 
 
 def compilation_supported() -> bool:
@@ -92,6 +150,12 @@ class CompiledUpdate:
         self._probe: tuple[torch.Tensor, ...] | None = None
         self._candidate: tuple[Callable[[list[Any]], Any], Callable[..., tuple[Any, ...]]] | None = None
         """The kernel and its argument order, learned on the compiling call, until they pass the self-test."""
+        self._rows: tuple[Any, int, tuple[int, ...], ctypes.CDLL] | None = None
+        """Once verified (`_learn_rows`): the C loop, the address of inductor's C kernel, for each of that
+        kernel's arguments where it is in `(param, grad, packed, *state, length)`, and the kernel's library,
+        held open."""
+        self.row_calls = 0
+        """How many times `call_rows` ran (for tests: which way the steps went)."""
         self._device = device
         self._packed = torch.zeros(len(scalar_names), dtype=torch.float64) if device.type == "cpu" else None
         self._packed_numpy = None if self._packed is None else self._packed.numpy()
@@ -100,6 +164,37 @@ class CompiledUpdate:
     def direct(self) -> bool:
         """Whether calls go straight to inductor's kernel (see the module docstring)."""
         return self._arguments is not None
+
+    @property
+    def calls_rows(self) -> bool:
+        """Whether `call_rows` is available (see `_learn_rows`)."""
+        return self._rows is not None
+
+    def row_table(self, rows: Sequence[tuple[torch.Tensor, torch.Tensor, Sequence[torch.Tensor]]]) -> np.ndarray:
+        """The table `call_rows` takes: one row per `(param, grad, state)` of flat tensors of one length (at
+        least 2), each row that call's arguments. Its grad columns (`grad_columns`) may be rewritten, with
+        `data_ptr`s of grads laid out alike, before each call; the rest must stay alive and in place."""
+        assert self._rows is not None and self._packed is not None
+        plan = self._rows[2]
+        table = np.empty((len(rows), len(plan)), dtype=np.int64)
+        for index, (param, grad, state) in enumerate(rows):
+            values = [tensor.data_ptr() for tensor in (param, grad, self._packed, *state)] + [param.shape[0]]
+            table[index] = [values[source] for source in plan]
+        return table
+
+    @property
+    def grad_columns(self) -> list[int]:
+        """The columns of `row_table`'s table that hold the grad's address."""
+        assert self._rows is not None
+        return [column for column, source in enumerate(self._rows[2]) if source == 1]
+
+    def call_rows(self, table: np.ndarray) -> None:
+        """Update each row of `table` (`row_table`'s) with the scalars last `pack`ed: one call into C, which
+        calls inductor's kernel once per row."""
+        assert self._rows is not None and table.dtype == np.int64 and table.flags.c_contiguous
+        function, kernel, plan, _ = self._rows
+        function(kernel, len(plan), table.ctypes.data, table.shape[0])
+        self.row_calls += 1
 
     def fits(self, group: Group, scalars: Scalars) -> bool:
         """Whether this compiled update is the one for `group` and this step's `scalars` (a few C-level
@@ -147,6 +242,7 @@ class CompiledUpdate:
             self._candidate = None
             if self._reproduces_torch_compile(kernel, arguments, (param, grad, packed, *state)):
                 self._kernel, self._arguments = kernel, arguments
+                self._rows = self._learn_rows(kernel, arguments, (param, grad, packed, *state))
 
     def _compile(self, graph_module: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         """Dynamo's backend: inductor (`compile_fx`), keeping hold of the kernel it compiles, and learning on
@@ -191,32 +287,99 @@ class CompiledUpdate:
     ) -> bool:
         """Whether `kernel`, given `arguments(...)`, updates scratch copies of a prefix of `inputs` exactly as
         the `torch.compile` path (dynamo, with its own view of the arguments) updates another set of copies."""
-        length = min(inputs[0].shape[0], SELF_TEST_LENGTH)
-        generator = torch.Generator(device=inputs[0].device)
-
-        def scratch() -> list[Any]:
-            # The real scalars; a prefix of each tensor, nudged so that no state is all zeros.
-            generator.manual_seed(0)
-            made: list[Any] = [inputs[0][:length].clone(), inputs[1][:length].clone(), inputs[2]]
-            for tensor in inputs[3:]:
-                copy = tensor[:length].clone()
-                made.append(
-                    copy.add_(torch.rand(copy.shape, generator=generator, dtype=copy.dtype, device=copy.device))
-                )
-            return made
-
-        expected, actual = scratch(), scratch()
+        expected, actual = _scratch(inputs), _scratch(inputs)
         try:
             self._dynamo(*expected)
-            kernel(list(arguments((*actual, length))))
+            kernel(list(arguments((*actual, actual[0].shape[0]))))
         except Exception:
             return False
         return all(torch.equal(want, got) for want, got in zip(expected, actual, strict=True))
 
+    def _learn_rows(
+        self, kernel: Callable[[list[Any]], Any], arguments: Callable[..., tuple[Any, ...]], inputs: tuple[Any, ...]
+    ) -> tuple[Any, int, tuple[int, ...], ctypes.CDLL] | None:
+        """How to call inductor's C kernel itself, from a C loop over rows (`call_rows`), or None.
 
-def _argument_order(inputs: tuple[Any, ...], args: Sequence[Any]) -> Callable[..., tuple[Any, ...]] | None:
-    """How to pick dynamo's arguments `args` out of `(*inputs, length)`: each tensor is one of `inputs` (by
-    identity), each int the length of the first; None if anything else shows up."""
+        The compiled graph's Python wrapper (`kernel`) calls the C kernel through a Python binding held in
+        its module's globals. A call on scratch inputs, with those bindings swapped for recorders, shows
+        whether the wrapper does nothing else than call one C kernel, and which of our inputs (by identity)
+        or the length each argument of that kernel is. The binding names the C function of its library.
+        Then `call_rows` must update scratch rows bitwise as the `torch.compile` path updates the whole.
+        """
+        function = _rows_function()
+        wrapper = getattr(getattr(kernel, "__func__", kernel), "__globals__", None)
+        if function is None or self._packed is None or inputs[2] is not self._packed or not isinstance(wrapper, dict):
+            return None
+        bindings = {name: value for name, value in wrapper.items() if _is_cpp_binding(value)}
+        calls: list[tuple[Any, tuple[Any, ...]]] = []
+
+        def recording(binding: Any) -> Callable[..., Any]:
+            def record(*args: Any) -> Any:
+                calls.append((binding, args))
+                return binding(*args)
+
+            return record
+
+        probe = _scratch(inputs)
+        length = probe[0].shape[0]
+        try:
+            wrapper.update({name: recording(binding) for name, binding in bindings.items()})
+            kernel(list(arguments((*probe, length))))
+        except Exception:
+            return None
+        finally:
+            wrapper.update(bindings)
+        if len(calls) != 1:
+            return None
+        binding, args = calls[0]
+        plan = _argument_plan(probe, args)
+        if plan is None or len(plan) > 32:
+            return None
+        try:
+            library = ctypes.CDLL(binding.__self__.__file__)
+            address = ctypes.cast(getattr(library, binding.__name__), ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            return None
+        if address is None:
+            return None
+        self._rows = rows = (function, address, tuple(plan), library)
+        expected, actual = _scratch(inputs), _scratch(inputs)
+        param, grad, _, *state = actual
+        # Held here: the table only holds the addresses of the rows' grads of their own.
+        scratch_rows = [
+            (
+                param[start:stop],
+                grad[start:stop] if start == 0 else grad[start:stop].clone(),
+                [s[start:stop] for s in state],
+            )
+            for start, stop in SELF_TEST_ROWS
+        ]
+        table = self.row_table(scratch_rows)
+        self._rows = None
+        try:
+            self._dynamo(*expected)
+            function(address, len(plan), table.ctypes.data, table.shape[0])
+        except Exception:
+            return None
+        same = all(torch.equal(want, got) for want, got in zip(expected, actual, strict=True))
+        return rows if same else None
+
+
+def _scratch(inputs: tuple[Any, ...]) -> list[Any]:
+    """Copies of a prefix of `(param, grad, packed, *state)` to test a kernel on: the real scalars, the rest
+    `SELF_TEST_LENGTH` elements long (or all there is), the state nudged so that none is all zeros."""
+    length = min(inputs[0].shape[0], SELF_TEST_LENGTH)
+    generator = torch.Generator(device=inputs[0].device).manual_seed(0)
+    made: list[Any] = [inputs[0][:length].clone(), inputs[1][:length].clone(), inputs[2]]
+    for tensor in inputs[3:]:
+        copy = tensor[:length].clone()
+        made.append(copy.add_(torch.rand(copy.shape, generator=generator, dtype=copy.dtype, device=copy.device)))
+    return made
+
+
+def _argument_plan(inputs: Sequence[Any], args: Sequence[Any]) -> list[int] | None:
+    """Where each of a kernel's arguments `args` is in `(*inputs, length)`: each tensor is one of `inputs` (by
+    identity), each int the length of the first; None if anything else shows up, or nothing does."""
     length = inputs[0].shape[0]
     plan = []
     for arg in args:
@@ -227,7 +390,13 @@ def _argument_order(inputs: tuple[Any, ...], args: Sequence[Any]) -> Callable[..
             plan.append(len(inputs))
         else:
             return None
-    if not plan:
+    return plan or None
+
+
+def _argument_order(inputs: tuple[Any, ...], args: Sequence[Any]) -> Callable[..., tuple[Any, ...]] | None:
+    """How to pick dynamo's arguments `args` out of `(*inputs, length)` (see `_argument_plan`)."""
+    plan = _argument_plan(inputs, args)
+    if plan is None:
         return None
     pick = operator.itemgetter(*plan)
     return pick if len(plan) > 1 else lambda values: (pick(values),)

@@ -45,8 +45,9 @@ import warnings
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
+import numpy as np
 import torch
 
 from .compiled import CompiledUpdate, compilation_supported
@@ -60,6 +61,7 @@ __all__ = [
     "EAGER_CHUNK",
     "EXECUTION_MODES",
     "IN_PLACE_GRAD_NUMEL",
+    "ROW_GRAD_NUMEL",
     "Bucket",
     "BucketedExecution",
 ]
@@ -73,6 +75,10 @@ working set of one call in the last-level cache."""
 AUTO_COMPILE_WORK = 1 << 30
 """Element-updates a bucket does eagerly before `execution="auto"` compiles it (about a second of eager
 work on a desktop CPU; a compilation costs a few): 64 steps of 16M elements, 2500 of MNIST's CNN."""
+
+ROW_GRAD_NUMEL = 1 << 13
+"""The same, for a `CompiledUpdate` that calls its kernel from C (`call_rows`): a param of at least this many
+elements has its grad read where it lies, in a row of its own, when a C call costs less than a copy."""
 
 IN_PLACE_GRAD_NUMEL = 1 << 16
 """A param of at least this many elements whose grad is not the bucket's view (torch's default `zero_grad()`
@@ -171,6 +177,11 @@ class Bucket:
     data_ptrs: list[int]
     grad_ptrs: list[int]
     """Where each grad view's data starts, to notice a `p.grad.data = t` that moved it elsewhere."""
+    shapes: list[torch.Size]
+    strides: list[tuple[int, ...]]
+    """Each param's layout (its views' too): a grad laid out alike can be read in place."""
+    row_small: int
+    """How many params (the first ones) are below `ROW_GRAD_NUMEL`: `call_rows` steps them as one row."""
     eager_work: int = 0
     compiled: CompiledUpdate | None = None
     """The compiled update the bucket last ran (None while it runs eagerly)."""
@@ -183,6 +194,9 @@ class Bucket:
     """Per param: whether it is large enough for its grad to be read in place (`IN_PLACE_GRAD_NUMEL`)."""
     segment_views: dict[tuple[int, int], Segment] = field(default_factory=dict)
     """The `Segment`s made so far, by `(start, stop)`."""
+    rows: tuple[CompiledUpdate, np.ndarray | None, list[int]] | None = None
+    """For the compiled update that last called rows here: its table (None: a row would be shorter than 2),
+    and the table's grad columns."""
 
     @property
     def numel(self) -> int:
@@ -205,10 +219,14 @@ class Bucket:
         if found is None:
             if len(self.segment_views) >= 64:  # Holes in ever new places: do not keep views without end.
                 self.segment_views.clear()
-            state = {key: buffer[start:stop] for key, buffer in self.state_buffers.items()}
-            param, grad = _real(self.flat_param[start:stop]), _real(self.flat_grad[start:stop])
-            found = self.segment_views[(start, stop)] = Segment(start, stop, param, grad, state, list(state.values()))
+            found = self.segment_views[(start, stop)] = self.views(start, stop)
         return found
+
+    def views(self, start: int, stop: int) -> Segment:
+        """Elements `start:stop` of the buffers, as real tensors (made anew)."""
+        state = {key: buffer[start:stop] for key, buffer in self.state_buffers.items()}
+        param, grad = _real(self.flat_param[start:stop]), _real(self.flat_grad[start:stop])
+        return Segment(start, stop, param, grad, state, list(state.values()))
 
 
 @dataclass(frozen=True, eq=False)
@@ -283,8 +301,12 @@ class BucketedExecution:
                 leftovers.append(param)
         buckets = []
         for place_members in by_place.values():
-            # Large params last: when their grads are read in place, the small ones still make one segment.
-            members = sorted(place_members, key=lambda param: param.numel() >= IN_PLACE_GRAD_NUMEL)
+            # Larger params last: when their grads are read in place, the small ones still make one segment
+            # (or one row).
+            members = sorted(
+                place_members,
+                key=lambda param: (param.numel() >= ROW_GRAD_NUMEL) + (param.numel() >= IN_PLACE_GRAD_NUMEL),
+            )
             made = self._make_bucket(group, members, old_grad_views)
             if made is None:
                 leftovers.extend(members)
@@ -328,6 +350,9 @@ class BucketedExecution:
             state_views=state_views,
             data_ptrs=[view.data_ptr() for view in param_views],
             grad_ptrs=[view.data_ptr() for view in grad_views],
+            shapes=[view.shape for view in grad_views],
+            strides=[view.stride() for view in grad_views],
+            row_small=sum(param.numel() < ROW_GRAD_NUMEL for param in params),
             states=[_NO_STATE] * len(params),
             expected_state={key: [None] * len(params) for key in state_buffers},
             large=[param.numel() >= IN_PLACE_GRAD_NUMEL for param in params],
@@ -417,11 +442,15 @@ class BucketedExecution:
         params, grad_views, states = bucket.params, bucket.grad_views, bucket.states
         grads = [param.grad for param in params]
         in_place: dict[int, torch.Tensor] = {}
+        pointers = None  # Where the grads lie, when a compiled update is to read them all there.
         if (
             not all(map(operator.is_, grads, grad_views))
             or list(map(torch.Tensor.data_ptr, grad_views)) != bucket.grad_ptrs
         ):
-            in_place = self._take_foreign_grads(bucket, grads)
+            if bucket.compiled is not None and bucket.compiled.calls_rows:
+                pointers = _readable_grads(bucket, grads)
+            if pointers is None:
+                in_place = self._take_foreign_grads(bucket, grads)
         self._refresh_states(bucket, same_dicts)
         if not all(states):
             for index, grad in enumerate(grads):
@@ -441,20 +470,28 @@ class BucketedExecution:
                     runs[-1] = (runs[-1][0], index + 1, step)
                 else:
                     runs.append((index, index + 1, step))
+        # Every param has a grad if `pointers` is set; all at one step, or the segments step the runs.
+        if pointers is not None and (len(runs) > 1 or not self._step_rows(group, bucket, runs[0][2], grads, pointers)):
+            in_place, pointers = self._take_foreign_grads(bucket, grads), None
         for first, last, step in runs:
-            self._step_run(group, bucket, first, last, step, in_place)
+            if pointers is None:
+                self._step_run(group, bucket, first, last, step, in_place)
             for state in states[first:last]:
                 state["step"] = step + 1
             # The kernels wrote the buffers, not the params: tell autograd, as torch.optim's in-place ops do.
             _increment_versions(params[first:last])
 
-    def _take_foreign_grads(self, bucket: Bucket, grads: list[torch.Tensor | None]) -> dict[int, torch.Tensor]:
+    def _take_foreign_grads(
+        self, bucket: Bucket, grads: list[torch.Tensor | None], stop: int | None = None
+    ) -> dict[int, torch.Tensor]:
         """Grads that are not the bucket's views: large ones are read where they lie (returned, by param
         index, as flat real views); the rest are copied into the bucket's grad buffer, one `_foreach_copy_`.
-        So is the data of a view that `p.grad.data = t` moved: the view goes back to the buffer, holding `t`."""
+        So is the data of a view that `p.grad.data = t` moved: the view goes back to the buffer, holding `t`.
+        With `stop`, the first `stop` grads, all copied."""
         in_place: dict[int, torch.Tensor] = {}
         targets, sources = [], []
-        for index, (grad, view, large) in enumerate(zip(grads, bucket.grad_views, bucket.large, strict=True)):
+        large_ones = bucket.large if stop is None else repeat(False, stop)
+        for index, (grad, view, large) in enumerate(zip(grads, bucket.grad_views, large_ones, strict=stop is None)):
             if grad is None:
                 continue
             if grad is view:
@@ -476,6 +513,30 @@ class BucketedExecution:
                 self.optimizer._params_with_grad(bucket.params)  # says so if it is because a grad is sparse
                 raise
         return in_place
+
+    def _step_rows(
+        self, group: Group, bucket: Bucket, step: int, grads: list[torch.Tensor | None], pointers: list[int]
+    ) -> bool:
+        """Step every param of the bucket (all at `step`) with one `call_rows` of the compiled update, each
+        grad read where it lies (`pointers`) but the small ones, copied into the bucket to make one row;
+        False, having done nothing, where that update cannot (then the segments do the step)."""
+        scalars = self.optimizer.step_scalars({"step": step + 1}, group)
+        compiled = self._compiled_for(group, bucket, scalars)
+        if compiled is None or not compiled.calls_rows:
+            return False
+        if bucket.rows is None or bucket.rows[0] is not compiled:
+            bucket.rows = (compiled, _row_table(bucket, compiled), compiled.grad_columns)
+        _, table, columns = bucket.rows
+        if table is None:
+            return False
+        small = bucket.row_small
+        if small:
+            self._take_foreign_grads(bucket, grads, stop=small)
+        for column in columns:
+            table[1 if small else 0 :, column] = pointers[small:]
+        compiled.pack(scalars)
+        compiled.call_rows(table)
+        return True
 
     def _step_run(
         self, group: Group, bucket: Bucket, first: int, last: int, step: int, in_place: dict[int, torch.Tensor]
@@ -606,6 +667,44 @@ def _segments(
     if start < offsets[last]:
         segment = bucket.segment(start, offsets[last])
         yield segment, segment.grad
+
+
+def _row_table(bucket: Bucket, compiled: CompiledUpdate) -> np.ndarray | None:
+    """`compiled`'s table for the bucket: one row for the params below `ROW_GRAD_NUMEL`, one per larger
+    param; None if a row would be shorter than 2 (a length the compiled update is not made for)."""
+    offsets, small = bucket.offsets, bucket.row_small
+    bounds = ([(0, offsets[small])] if small else []) + [
+        (offsets[index], offsets[index + 1]) for index in range(small, len(bucket.params))
+    ]
+    if any(stop - start < 2 for start, stop in bounds):
+        return None
+    segments = [bucket.views(start, stop) for start, stop in bounds]
+    return compiled.row_table([(segment.param, segment.grad, segment.state_list) for segment in segments])
+
+
+_LAYOUT, _DTYPE, _DEVICE = operator.attrgetter("layout"), operator.attrgetter("dtype"), operator.attrgetter("device")
+
+
+def _readable_grads(bucket: Bucket, grads: list[torch.Tensor | None]) -> list[int] | None:
+    """Where each grad's data starts, if all can be read there as the bucket's grad views would be: plain
+    dense tensors of the bucket's dtype and device, shaped and strided as the params. None otherwise.
+    C-level passes over the grads only (a Python check per grad would cost as much as copying a small one)."""
+    flat = bucket.flat_grad
+    if not (
+        all(map(operator.is_not, grads, repeat(None)))
+        and all(map(operator.is_, map(type, grads), repeat(torch.Tensor)))
+    ):
+        return None
+    present = cast(list[torch.Tensor], grads)
+    if (
+        all(map(operator.is_, map(_LAYOUT, present), repeat(torch.strided)))
+        and all(map(operator.is_, map(_DTYPE, present), repeat(flat.dtype)))
+        and all(map(operator.eq, map(_DEVICE, present), repeat(flat.device)))
+        and list(map(torch.Tensor.size, present)) == bucket.shapes
+        and list(map(torch.Tensor.stride, present)) == bucket.strides
+    ):
+        return list(map(torch.Tensor.data_ptr, present))
+    return None
 
 
 def _same_layout(grad: torch.Tensor, view: torch.Tensor) -> bool:
