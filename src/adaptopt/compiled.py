@@ -35,7 +35,7 @@ import platform
 import sys
 import types
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -49,24 +49,65 @@ SELF_TEST_LENGTH = 64
 """Elements of the scratch inputs on which a directly called kernel must match `torch.compile`'s path."""
 
 SELF_TEST_ROWS = ((0, 20), (20, 22), (22, SELF_TEST_LENGTH))
+SELF_TEST_ALONE = 30
 """The rows `call_rows` must step as `torch.compile` steps the whole: the first reads the flat grad, the
-others grads of their own."""
+others grads of their own; the last is called alone, the others shared out among the threads."""
+
+ROW_ALONE_NUMEL = 1 << 17
+"""`call_rows` calls the kernel on a row of this many elements or more by itself, spread over every thread;
+smaller rows are shared out among the threads, whole, each call on one thread."""
 
 _ROW_CALLS = "\n".join(
-    f"            case {arity}: reinterpret_cast<void (*)({', '.join(['word'] * arity)})>(kernel)"
-    f"({', '.join(f'a[{index}]' for index in range(arity))}); break;"
+    f"        case {arity}: reinterpret_cast<void (*)({', '.join(['word'] * arity)})>(kernel)"
+    f"({', '.join(f'a[{index}]' for index in range(arity))}); return;"
     for arity in range(1, 33)
 )
 _ROWS_SOURCE = """
 #include <cstdint>
+#include <omp.h>
 typedef int64_t word;
-// Each row of `table` is one call's arguments: the kernel's pointers and its length, all passed as 64-bit
-// integers (which is how the x86-64 and AArch64 calling conventions pass pointers too).
-extern "C" void adaptopt_call_rows(void* kernel, int64_t arity, const int64_t* table, int64_t rows) {
+
+// `a` is one call's arguments, pointers and lengths alike passed as 64-bit integers (which is how the x86-64
+// and AArch64 calling conventions pass pointers too).
+static void call(void* kernel, int64_t arity, const word* a) {
+    switch (arity) {
+ROW_CALLS
+    }
+}
+
+// Each row of `table` is one call's arguments; `length_column` says which is the number of elements. Rows
+// of `alone` elements or more are called one after the other, the kernel's own parallel region spreading
+// each over every thread. The rest are shared out among our threads, each row to the thread whose share of
+// their elements holds its middle; nested in our region, the kernel's region then has one thread.
+extern "C" void adaptopt_call_rows(void* kernel, int64_t arity, int64_t length_column, const word* table,
+                                   int64_t rows, int64_t alone) {
+    int64_t shared = 0;
     for (int64_t row = 0; row < rows; ++row) {
         const word* a = table + row * arity;
-        switch (arity) {
-ROW_CALLS
+        if (a[length_column] >= alone) {
+            call(kernel, arity, a);
+        } else {
+            shared += a[length_column];
+        }
+    }
+    if (shared == 0) {
+        return;
+    }
+    #pragma omp parallel
+    {
+        const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
+        const int64_t begin = shared * me / threads, end = shared * (me + 1) / threads;
+        int64_t at = 0;
+        for (int64_t row = 0; row < rows; ++row) {
+            const word* a = table + row * arity;
+            const int64_t length = a[length_column];
+            if (length < alone) {
+                const int64_t middle = at + length / 2;
+                if (begin <= middle && middle < end) {
+                    call(kernel, arity, a);
+                }
+                at += length;
+            }
         }
     }
 }
@@ -85,12 +126,39 @@ def _rows_function() -> Any:
                 from torch._inductor.codecache import CppCodeCache
 
                 function = CppCodeCache.load(_ROWS_SOURCE).adaptopt_call_rows
-                function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+                function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+                function.argtypes += [ctypes.c_int64, ctypes.c_int64]
                 function.restype = None
                 _row_caller = function
             except Exception:  # No compiler, or inductor's internals moved: steps go through Python calls.
                 pass
     return _row_caller or None
+
+
+class _RowKernel(NamedTuple):
+    """Inductor's C kernel of a compiled update, and how `adaptopt_call_rows` calls it."""
+
+    loop: Any
+    """`adaptopt_call_rows` (`_rows_function`)."""
+    kernel: int
+    """The C kernel's address."""
+    plan: tuple[int, ...]
+    """For each of the kernel's arguments, where it is in `(param, grad, packed, *state, length)`."""
+    length_column: int
+    library: ctypes.CDLL
+    """The kernel's library, held open."""
+
+    def table(
+        self, rows: Sequence[tuple[torch.Tensor, torch.Tensor, Sequence[torch.Tensor]]], packed: torch.Tensor
+    ) -> np.ndarray:
+        table = np.empty((len(rows), len(self.plan)), dtype=np.int64)
+        for index, (param, grad, state) in enumerate(rows):
+            values = [tensor.data_ptr() for tensor in (param, grad, packed, *state)] + [param.shape[0]]
+            table[index] = [values[source] for source in self.plan]
+        return table
+
+    def run(self, table: np.ndarray, alone: int) -> None:
+        self.loop(self.kernel, len(self.plan), self.length_column, table.ctypes.data, table.shape[0], alone)
 
 
 def _is_cpp_binding(value: Any) -> bool:
@@ -150,10 +218,8 @@ class CompiledUpdate:
         self._probe: tuple[torch.Tensor, ...] | None = None
         self._candidate: tuple[Callable[[list[Any]], Any], Callable[..., tuple[Any, ...]]] | None = None
         """The kernel and its argument order, learned on the compiling call, until they pass the self-test."""
-        self._rows: tuple[Any, int, tuple[int, ...], ctypes.CDLL] | None = None
-        """Once verified (`_learn_rows`): the C loop, the address of inductor's C kernel, for each of that
-        kernel's arguments where it is in `(param, grad, packed, *state, length)`, and the kernel's library,
-        held open."""
+        self._rows: _RowKernel | None = None
+        """Inductor's C kernel, once `call_rows` has proved itself with it (`_learn_rows`)."""
         self.row_calls = 0
         """How many times `call_rows` ran (for tests: which way the steps went)."""
         self._device = device
@@ -175,25 +241,19 @@ class CompiledUpdate:
         least 2), each row that call's arguments. Its grad columns (`grad_columns`) may be rewritten, with
         `data_ptr`s of grads laid out alike, before each call; the rest must stay alive and in place."""
         assert self._rows is not None and self._packed is not None
-        plan = self._rows[2]
-        table = np.empty((len(rows), len(plan)), dtype=np.int64)
-        for index, (param, grad, state) in enumerate(rows):
-            values = [tensor.data_ptr() for tensor in (param, grad, self._packed, *state)] + [param.shape[0]]
-            table[index] = [values[source] for source in plan]
-        return table
+        return self._rows.table(rows, self._packed)
 
     @property
     def grad_columns(self) -> list[int]:
         """The columns of `row_table`'s table that hold the grad's address."""
         assert self._rows is not None
-        return [column for column, source in enumerate(self._rows[2]) if source == 1]
+        return [column for column, source in enumerate(self._rows.plan) if source == 1]
 
     def call_rows(self, table: np.ndarray) -> None:
         """Update each row of `table` (`row_table`'s) with the scalars last `pack`ed: one call into C, which
         calls inductor's kernel once per row."""
         assert self._rows is not None and table.dtype == np.int64 and table.flags.c_contiguous
-        function, kernel, plan, _ = self._rows
-        function(kernel, len(plan), table.ctypes.data, table.shape[0])
+        self._rows.run(table, ROW_ALONE_NUMEL)
         self.row_calls += 1
 
     def fits(self, group: Group, scalars: Scalars) -> bool:
@@ -297,14 +357,15 @@ class CompiledUpdate:
 
     def _learn_rows(
         self, kernel: Callable[[list[Any]], Any], arguments: Callable[..., tuple[Any, ...]], inputs: tuple[Any, ...]
-    ) -> tuple[Any, int, tuple[int, ...], ctypes.CDLL] | None:
+    ) -> _RowKernel | None:
         """How to call inductor's C kernel itself, from a C loop over rows (`call_rows`), or None.
 
         The compiled graph's Python wrapper (`kernel`) calls the C kernel through a Python binding held in
         its module's globals. A call on scratch inputs, with those bindings swapped for recorders, shows
         whether the wrapper does nothing else than call one C kernel, and which of our inputs (by identity)
         or the length each argument of that kernel is. The binding names the C function of its library.
-        Then `call_rows` must update scratch rows bitwise as the `torch.compile` path updates the whole.
+        Then `call_rows` must update scratch rows bitwise as the `torch.compile` path updates the whole,
+        both ways it calls the kernel: on a row alone, and on rows shared out among threads.
         """
         function = _rows_function()
         wrapper = getattr(getattr(kernel, "__func__", kernel), "__globals__", None)
@@ -333,7 +394,7 @@ class CompiledUpdate:
             return None
         binding, args = calls[0]
         plan = _argument_plan(probe, args)
-        if plan is None or len(plan) > 32:
+        if plan is None or len(plan) > 32 or len(probe) not in plan:
             return None
         try:
             library = ctypes.CDLL(binding.__self__.__file__)
@@ -342,7 +403,7 @@ class CompiledUpdate:
             return None
         if address is None:
             return None
-        self._rows = rows = (function, address, tuple(plan), library)
+        rows = _RowKernel(function, address, tuple(plan), plan.index(len(probe)), library)
         expected, actual = _scratch(inputs), _scratch(inputs)
         param, grad, _, *state = actual
         # Held here: the table only holds the addresses of the rows' grads of their own.
@@ -354,11 +415,10 @@ class CompiledUpdate:
             )
             for start, stop in SELF_TEST_ROWS
         ]
-        table = self.row_table(scratch_rows)
-        self._rows = None
+        table = rows.table(scratch_rows, self._packed)
         try:
             self._dynamo(*expected)
-            function(address, len(plan), table.ctypes.data, table.shape[0])
+            rows.run(table, alone=SELF_TEST_ALONE)
         except Exception:
             return None
         same = all(torch.equal(want, got) for want, got in zip(expected, actual, strict=True))

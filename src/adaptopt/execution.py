@@ -440,7 +440,7 @@ class BucketedExecution:
         # C-level passes over the params and no Python work per param but the step counters.
         optimizer = self.optimizer
         params, grad_views, states = bucket.params, bucket.grad_views, bucket.states
-        grads = [param.grad for param in params]
+        grads = list(map(_GRAD, params))
         in_place: dict[int, torch.Tensor] = {}
         pointers = None  # Where the grads lie, when a compiled update is to read them all there.
         if (
@@ -456,9 +456,10 @@ class BucketedExecution:
             for index, grad in enumerate(grads):
                 if grad is not None and not states[index]:
                     self._record_state(bucket, index, optimizer._state_for(group, params[index]))
-        steps = [
-            None if grad is None or not state else state["step"] for grad, state in zip(grads, states, strict=True)
-        ]
+        if pointers is not None or all(map(operator.is_not, grads, repeat(None))):
+            steps = list(map(operator.getitem, states, repeat("step")))  # every param has state now
+        else:
+            steps = [None if grad is None else state["step"] for grad, state in zip(grads, states, strict=True)]
         if steps.count(steps[0]) == len(steps) and steps[0] is not None:
             runs = [(0, len(params), steps[0])]
         else:
@@ -682,29 +683,27 @@ def _row_table(bucket: Bucket, compiled: CompiledUpdate) -> np.ndarray | None:
     return compiled.row_table([(segment.param, segment.grad, segment.state_list) for segment in segments])
 
 
-_LAYOUT, _DTYPE, _DEVICE = operator.attrgetter("layout"), operator.attrgetter("dtype"), operator.attrgetter("device")
+_GRAD, _IS_CPU, _DTYPE = operator.attrgetter("grad"), operator.attrgetter("is_cpu"), operator.attrgetter("dtype")
 
 
 def _readable_grads(bucket: Bucket, grads: list[torch.Tensor | None]) -> list[int] | None:
     """Where each grad's data starts, if all can be read there as the bucket's grad views would be: plain
-    dense tensors of the bucket's dtype and device, shaped and strided as the params. None otherwise.
-    C-level passes over the grads only (a Python check per grad would cost as much as copying a small one)."""
-    flat = bucket.flat_grad
-    if not (
-        all(map(operator.is_not, grads, repeat(None)))
-        and all(map(operator.is_, map(type, grads), repeat(torch.Tensor)))
-    ):
+    dense tensors on the CPU (where rows run), of the bucket's dtype, shaped and strided as the params. None
+    otherwise. C-level passes over the grads only: a Python check per grad costs as much as copying it."""
+    if not all(map(operator.is_, map(type, grads), repeat(torch.Tensor))):  # None or a subclass
         return None
     present = cast(list[torch.Tensor], grads)
-    if (
-        all(map(operator.is_, map(_LAYOUT, present), repeat(torch.strided)))
-        and all(map(operator.is_, map(_DTYPE, present), repeat(flat.dtype)))
-        and all(map(operator.eq, map(_DEVICE, present), repeat(flat.device)))
-        and list(map(torch.Tensor.size, present)) == bucket.shapes
-        and list(map(torch.Tensor.stride, present)) == bucket.strides
-    ):
-        return list(map(torch.Tensor.data_ptr, present))
-    return None
+    try:
+        if not (
+            all(map(_IS_CPU, present))
+            and all(map(operator.is_, map(_DTYPE, present), repeat(bucket.flat_grad.dtype)))
+            and list(map(torch.Tensor.size, present)) == bucket.shapes
+            and list(map(torch.Tensor.stride, present)) == bucket.strides
+        ):
+            return None
+    except RuntimeError:  # A layout without strides: sparse, mkldnn.
+        return None
+    return list(map(torch.Tensor.data_ptr, present))
 
 
 def _same_layout(grad: torch.Tensor, view: torch.Tensor) -> bool:
