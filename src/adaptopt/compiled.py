@@ -48,10 +48,11 @@ __all__ = ["CompiledUpdate", "compilation_supported"]
 SELF_TEST_LENGTH = 64
 """Elements of the scratch inputs on which a directly called kernel must match `torch.compile`'s path."""
 
-SELF_TEST_ROWS = ((0, 20), (20, 22), (22, SELF_TEST_LENGTH))
+SELF_TEST_ROWS = ((0, 20), (20, 21), (21, 23), (23, SELF_TEST_LENGTH))
 SELF_TEST_ALONE = 30
 """The rows `call_rows` must step as `torch.compile` steps the whole: the first reads the flat grad, the
-others grads of their own; the last is called alone, the others shared out among the threads."""
+others grads of their own; one is a single element; the last is called alone, the others shared out among
+the threads."""
 
 ROW_ALONE_NUMEL = 1 << 17
 """`call_rows` calls the kernel on a row of this many elements or more by itself, spread over every thread;
@@ -237,8 +238,8 @@ class CompiledUpdate:
         return self._rows is not None
 
     def row_table(self, rows: Sequence[tuple[torch.Tensor, torch.Tensor, Sequence[torch.Tensor]]]) -> np.ndarray:
-        """The table `call_rows` takes: one row per `(param, grad, state)` of flat tensors of one length (at
-        least 2), each row that call's arguments. Its grad columns (`grad_columns`) may be rewritten, with
+        """The table `call_rows` takes: one row per `(param, grad, state)` of flat tensors of one length,
+        each row that call's arguments. Its grad columns (`grad_columns`) may be rewritten, with
         `data_ptr`s of grads laid out alike, before each call; the rest must stay alive and in place."""
         assert self._rows is not None and self._packed is not None
         return self._rows.table(rows, self._packed)

@@ -40,6 +40,7 @@ run is reproducible.
 
 from __future__ import annotations
 
+import itertools
 import operator
 import warnings
 from collections.abc import Hashable, Iterable, Iterator
@@ -61,7 +62,6 @@ __all__ = [
     "EAGER_CHUNK",
     "EXECUTION_MODES",
     "IN_PLACE_GRAD_NUMEL",
-    "ROW_GRAD_NUMEL",
     "Bucket",
     "BucketedExecution",
 ]
@@ -75,10 +75,6 @@ working set of one call in the last-level cache."""
 AUTO_COMPILE_WORK = 1 << 30
 """Element-updates a bucket does eagerly before `execution="auto"` compiles it (about a second of eager
 work on a desktop CPU; a compilation costs a few): 64 steps of 16M elements, 2500 of MNIST's CNN."""
-
-ROW_GRAD_NUMEL = 1 << 13
-"""The same, for a `CompiledUpdate` that calls its kernel from C (`call_rows`): a param of at least this many
-elements has its grad read where it lies, in a row of its own, when a C call costs less than a copy."""
 
 IN_PLACE_GRAD_NUMEL = 1 << 16
 """A param of at least this many elements whose grad is not the bucket's view (torch's default `zero_grad()`
@@ -180,8 +176,6 @@ class Bucket:
     shapes: list[torch.Size]
     strides: list[tuple[int, ...]]
     """Each param's layout (its views' too): a grad laid out alike can be read in place."""
-    row_small: int
-    """How many params (the first ones) are below `ROW_GRAD_NUMEL`: `call_rows` steps them as one row."""
     eager_work: int = 0
     compiled: CompiledUpdate | None = None
     """The compiled update the bucket last ran (None while it runs eagerly)."""
@@ -194,9 +188,8 @@ class Bucket:
     """Per param: whether it is large enough for its grad to be read in place (`IN_PLACE_GRAD_NUMEL`)."""
     segment_views: dict[tuple[int, int], Segment] = field(default_factory=dict)
     """The `Segment`s made so far, by `(start, stop)`."""
-    rows: tuple[CompiledUpdate, np.ndarray | None, list[int]] | None = None
-    """For the compiled update that last called rows here: its table (None: a row would be shorter than 2),
-    and the table's grad columns."""
+    rows: tuple[CompiledUpdate, np.ndarray, list[int]] | None = None
+    """For the compiled update that last called rows here: its table (a row per param) and grad columns."""
 
     @property
     def numel(self) -> int:
@@ -301,12 +294,8 @@ class BucketedExecution:
                 leftovers.append(param)
         buckets = []
         for place_members in by_place.values():
-            # Larger params last: when their grads are read in place, the small ones still make one segment
-            # (or one row).
-            members = sorted(
-                place_members,
-                key=lambda param: (param.numel() >= ROW_GRAD_NUMEL) + (param.numel() >= IN_PLACE_GRAD_NUMEL),
-            )
+            # Large params last: when their grads are read in place, the small ones still make one segment.
+            members = sorted(place_members, key=lambda param: param.numel() >= IN_PLACE_GRAD_NUMEL)
             made = self._make_bucket(group, members, old_grad_views)
             if made is None:
                 leftovers.extend(members)
@@ -352,7 +341,6 @@ class BucketedExecution:
             grad_ptrs=[view.data_ptr() for view in grad_views],
             shapes=[view.shape for view in grad_views],
             strides=[view.stride() for view in grad_views],
-            row_small=sum(param.numel() < ROW_GRAD_NUMEL for param in params),
             states=[_NO_STATE] * len(params),
             expected_state={key: [None] * len(params) for key in state_buffers},
             large=[param.numel() >= IN_PLACE_GRAD_NUMEL for param in params],
@@ -472,7 +460,7 @@ class BucketedExecution:
                 else:
                     runs.append((index, index + 1, step))
         # Every param has a grad if `pointers` is set; all at one step, or the segments step the runs.
-        if pointers is not None and (len(runs) > 1 or not self._step_rows(group, bucket, runs[0][2], grads, pointers)):
+        if pointers is not None and (len(runs) > 1 or not self._step_rows(group, bucket, runs[0][2], pointers)):
             in_place, pointers = self._take_foreign_grads(bucket, grads), None
         for first, last, step in runs:
             if pointers is None:
@@ -482,17 +470,13 @@ class BucketedExecution:
             # The kernels wrote the buffers, not the params: tell autograd, as torch.optim's in-place ops do.
             _increment_versions(params[first:last])
 
-    def _take_foreign_grads(
-        self, bucket: Bucket, grads: list[torch.Tensor | None], stop: int | None = None
-    ) -> dict[int, torch.Tensor]:
+    def _take_foreign_grads(self, bucket: Bucket, grads: list[torch.Tensor | None]) -> dict[int, torch.Tensor]:
         """Grads that are not the bucket's views: large ones are read where they lie (returned, by param
         index, as flat real views); the rest are copied into the bucket's grad buffer, one `_foreach_copy_`.
-        So is the data of a view that `p.grad.data = t` moved: the view goes back to the buffer, holding `t`.
-        With `stop`, the first `stop` grads, all copied."""
+        So is the data of a view that `p.grad.data = t` moved: the view goes back to the buffer, holding `t`."""
         in_place: dict[int, torch.Tensor] = {}
         targets, sources = [], []
-        large_ones = bucket.large if stop is None else repeat(False, stop)
-        for index, (grad, view, large) in enumerate(zip(grads, bucket.grad_views, large_ones, strict=stop is None)):
+        for index, (grad, view, large) in enumerate(zip(grads, bucket.grad_views, bucket.large, strict=True)):
             if grad is None:
                 continue
             if grad is view:
@@ -515,26 +499,21 @@ class BucketedExecution:
                 raise
         return in_place
 
-    def _step_rows(
-        self, group: Group, bucket: Bucket, step: int, grads: list[torch.Tensor | None], pointers: list[int]
-    ) -> bool:
-        """Step every param of the bucket (all at `step`) with one `call_rows` of the compiled update, each
-        grad read where it lies (`pointers`) but the small ones, copied into the bucket to make one row;
-        False, having done nothing, where that update cannot (then the segments do the step)."""
+    def _step_rows(self, group: Group, bucket: Bucket, step: int, pointers: list[int]) -> bool:
+        """Step every param of the bucket (all at `step`) with one `call_rows` of the compiled update, a row
+        per param, each grad read where it lies (`pointers`); False, having done nothing, where that update
+        cannot (then the segments do the step)."""
         scalars = self.optimizer.step_scalars({"step": step + 1}, group)
         compiled = self._compiled_for(group, bucket, scalars)
         if compiled is None or not compiled.calls_rows:
             return False
         if bucket.rows is None or bucket.rows[0] is not compiled:
-            bucket.rows = (compiled, _row_table(bucket, compiled), compiled.grad_columns)
+            rows = [bucket.views(start, stop) for start, stop in itertools.pairwise(bucket.offsets)]
+            table = compiled.row_table([(row.param, row.grad, row.state_list) for row in rows])
+            bucket.rows = (compiled, table, compiled.grad_columns)
         _, table, columns = bucket.rows
-        if table is None:
-            return False
-        small = bucket.row_small
-        if small:
-            self._take_foreign_grads(bucket, grads, stop=small)
         for column in columns:
-            table[1 if small else 0 :, column] = pointers[small:]
+            table[:, column] = pointers
         compiled.pack(scalars)
         compiled.call_rows(table)
         return True
@@ -668,19 +647,6 @@ def _segments(
     if start < offsets[last]:
         segment = bucket.segment(start, offsets[last])
         yield segment, segment.grad
-
-
-def _row_table(bucket: Bucket, compiled: CompiledUpdate) -> np.ndarray | None:
-    """`compiled`'s table for the bucket: one row for the params below `ROW_GRAD_NUMEL`, one per larger
-    param; None if a row would be shorter than 2 (a length the compiled update is not made for)."""
-    offsets, small = bucket.offsets, bucket.row_small
-    bounds = ([(0, offsets[small])] if small else []) + [
-        (offsets[index], offsets[index + 1]) for index in range(small, len(bucket.params))
-    ]
-    if any(stop - start < 2 for start, stop in bounds):
-        return None
-    segments = [bucket.views(start, stop) for start, stop in bounds]
-    return compiled.row_table([(segment.param, segment.grad, segment.state_list) for segment in segments])
 
 
 _GRAD, _IS_CPU, _DTYPE = operator.attrgetter("grad"), operator.attrgetter("is_cpu"), operator.attrgetter("dtype")
