@@ -24,6 +24,15 @@ kernel inductor compiled is called directly: its argument order is learned from 
 and before it is used it must reproduce the `torch.compile` path bitwise on scratch copies of a prefix of
 that call's inputs. Whatever does not fit (another device, a torch whose internals differ, an unexpected
 argument) keeps going through `torch.compile`.
+
+One step deeper, a bucket's params need not be one call each from Python. The kernel's Python wrapper calls
+one C function with pointers and the length; `_learn_rows` finds that function (by recording the wrapper's
+call on scratch inputs) and `call_rows` calls it from a small C loop, once per *row* of a table of
+addresses: a row per param, its grad wherever autograd left it. Rows are shared out among the threads whole
+(the kernel's own parallel region, nested, then runs on one thread), large ones spread over all threads.
+So 200 params with new grads cost one call from Python and no copy. It too is used only after it has updated
+scratch rows bitwise as the `torch.compile` path updates the whole, and only on 64-bit x86 and ARM, where
+pointers and 64-bit integers are passed alike.
 """
 
 from __future__ import annotations

@@ -31,8 +31,11 @@ its place.
 
 `execution="compiled"` runs each segment through a `CompiledUpdate` (`compiled.py`): one `torch.compile`d
 update per set of constants (hyper-parameters, branch), of dynamic length, shared by all segments and buckets
-of the optimizer, called straight into inductor's kernel on the CPU. Where compilation is not available or
-fails, it warns once and runs eagerly. `execution="auto"` is bucketed and compiles a bucket once it has done
+of the optimizer, called straight into inductor's kernel on the CPU. There, when every param has a grad
+and all are at one step, and the grads are plain dense CPU tensors laid out as the params (checked in a few
+C-level passes: `_readable_grads`), the whole bucket is instead one `call_rows`: a row per param, each grad
+read where it lies, nothing copied. Where compilation is not available or fails, it warns once and runs
+eagerly. `execution="auto"` is bucketed and compiles a bucket once it has done
 `AUTO_COMPILE_WORK` element-updates eagerly, so short runs (and test suites) never pay the seconds a
 compilation costs, and long ones get the fused loop; the switch point depends on sizes and steps only, so a
 run is reproducible.
@@ -40,12 +43,11 @@ run is reproducible.
 
 from __future__ import annotations
 
-import itertools
 import operator
 import warnings
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import pairwise, repeat
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -508,7 +510,7 @@ class BucketedExecution:
         if compiled is None or not compiled.calls_rows:
             return False
         if bucket.rows is None or bucket.rows[0] is not compiled:
-            rows = [bucket.views(start, stop) for start, stop in itertools.pairwise(bucket.offsets)]
+            rows = [bucket.views(start, stop) for start, stop in pairwise(bucket.offsets)]
             table = compiled.row_table([(row.param, row.grad, row.state_list) for row in rows])
             bucket.rows = (compiled, table, compiled.grad_columns)
         _, table, columns = bucket.rows
