@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
 .venv/bin/ruff check src tests benchmarks
-.venv/bin/ruff format --check src tests benchmarks
+.venv/bin/ruff format --check src tests benchmarks docs README.md
 .venv/bin/mypy
 .venv/bin/python -m pytest -q "$@"
