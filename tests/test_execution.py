@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import pickle
 import warnings
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -418,6 +419,22 @@ def test_model_moved_with_to_after_construction(path: str) -> None:
     (bucket,) = buckets(optimizer)
     assert bucket is not old_bucket and bucket.flat_param.dtype == F64
     assert all(bucket_of(optimizer, param) is bucket for param in model.parameters())
+
+
+@pytest.mark.parametrize("path", ["reference", "auto", *FAST_PATHS])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copied_or_pickled_optimizer_keeps_its_path_and_goes_on(path: str, how: str) -> None:
+    # torch.optim.Optimizer pickles only defaults, state and groups; the execution path must come along.
+    model, optimizer = train("adabelief", {}, path, steps=10)
+    if how == "deepcopy":
+        copied, copied_optimizer = copy.deepcopy((model, optimizer))
+    else:
+        copied, copied_optimizer = pickle.loads(pickle.dumps((model, optimizer)))
+    assert (copied_optimizer._buckets is None) == (path == "reference")
+    assert path == "reference" or copied_optimizer._buckets.mode == path
+    for run in [(copied, copied_optimizer), (model, optimizer)]:
+        train("adabelief", {}, path, model=run[0], optimizer=run[1], steps=10, start=10)
+        assert_same(reference("adabelief", {}, steps=20), run, exact=path != "compiled")
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -98,6 +98,17 @@ class GenericAdaptiveOptimizer(Optimizer):
         self._buckets = BucketedExecution.for_mode(self, execution)
         super().__init__(params, defaults)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's state (defaults, state, param groups) and the execution mode, for `copy` and `pickle`."""
+        state = super().__getstate__()
+        state["execution"] = "reference" if self._buckets is None else self._buckets.mode
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        execution = state.pop("execution", "auto")
+        super().__setstate__(state)
+        self._buckets = BucketedExecution.for_mode(self, execution)
+
     # ----------------------------------------------------------------------------------------------
     # Template methods
 
