@@ -9,6 +9,8 @@ costs more than it saves, so the buffers are where the data lives:
 * `p.data` is re-homed as a view of the bucket's flat param buffer (same shape and strides), params of
   `IN_PLACE_GRAD_NUMEL` elements or more ("large") after the small ones;
 * the state is created as views of flat state buffers, one per state tensor (`exp_avg`, ...);
+* buffers of a few MiB or more on the CPU lie on transparent huge pages where Linux allows it
+  (`memory.bucket_buffer`), which makes a step that streams them a few percent faster;
 * each param has a view of a flat grad buffer. Grads that are these views (after
   `zero_grad(set_to_none=False)`, backward accumulates into them in place) cost nothing. Any other grad
   (torch's default `zero_grad()` sets grads to None, so autograd hands over new tensors; clipping that
@@ -54,6 +56,7 @@ import numpy as np
 import torch
 
 from .compiled import CompiledUpdate, compilation_supported
+from .memory import bucket_buffer
 
 if TYPE_CHECKING:
     from .base import GenericAdaptiveOptimizer, Group, Scalars, State
@@ -312,18 +315,22 @@ class BucketedExecution:
         offsets = [0]
         for param in params:
             offsets.append(offsets[-1] + param.numel())
-        flat_param = torch.empty(offsets[-1], dtype=params[0].dtype, device=params[0].device)
+        flat_param = bucket_buffer(offsets[-1], params[0].dtype, params[0].device)
         real_shape = _real(flat_param).shape
         fresh: State = {}
         optimizer._initialize_state(fresh, group, flat_param)
-        state_buffers = {key: value for key, value in fresh.items() if key != "step"}
+        created = {key: value for key, value in fresh.items() if key != "step"}
         if not all(
             isinstance(value, torch.Tensor) and value.shape == real_shape and value.is_contiguous()
-            for value in state_buffers.values()
+            for value in created.values()
         ):
             return None  # Not elementwise state after all: the reference loop keeps these params.
+        state_buffers = {
+            key: bucket_buffer(value.numel(), value.dtype, value.device).view(value.shape).copy_(value)
+            for key, value in created.items()
+        }
         elements = 2 if flat_param.is_complex() else 1
-        flat_grad = torch.zeros_like(flat_param)
+        flat_grad = bucket_buffer(flat_param.numel(), flat_param.dtype, flat_param.device).zero_()
         param_views = [_alias(flat_param, offset, param) for param, offset in zip(params, offsets, strict=False)]
         torch._foreach_copy_(param_views, [param.detach() for param in params])
         grad_views = [_alias(flat_grad, offset, param) for param, offset in zip(params, offsets, strict=False)]
