@@ -17,6 +17,7 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -526,9 +527,10 @@ def test_compiled_equals_reference(
     (bucket,) = buckets(actual[1])
     assert bucket.compiled is not None and not bucket.compile_failed
     variants = list(compiled_updates(actual[1]))
-    # One per branch (RAdam's and AdaBelief's rectifier off, then on); on the CPU, called directly, from C.
+    # One per branch (RAdam's and AdaBelief's rectifier off, then on); on the CPU, called directly, from C,
+    # single-threaded kernels split among the threads by the loop over rows.
     assert 1 <= len(variants) <= 2 and CompiledUpdate.compilations - compilations == len(variants)
-    assert all(variant is not None and variant.direct and variant.calls_rows for variant in variants)
+    assert all(variant and variant.direct and variant.calls_rows and variant._single_threaded for variant in variants)
     rows_called = sum(variant.row_calls for variant in variants if variant is not None)
     assert rows_called == (STEPS - len(variants) if set_to_none else 0)  # all but the compiling steps
     if set_to_none:  # A step by rows copies no grad into the bucket.
@@ -598,20 +600,36 @@ def test_a_kernel_that_does_not_reproduce_torch_compile_is_not_called_directly(m
     assert [variant is not None and variant.direct for variant in compiled_updates(actual[1])] == [False]
 
 
-def test_rows_that_do_not_reproduce_torch_compile_are_not_called(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Were the C loop over rows wrong (here: it skips the last row), the self-test on scratch rows must catch
-    # it, and steps then go through the segments, kernel called directly from Python.
+def skipping_the_last_row(real: Callable[..., None]) -> Callable[..., None]:
+    def loop(kernel: int, arity: int, column: int, element_bytes: int, table: int, rows: int, *rest: int) -> None:
+        real(kernel, arity, column, element_bytes, table, rows - 1, *rest)
+
+    return loop
+
+
+def splitting_without_offsets(real: Callable[..., None]) -> Callable[..., None]:
+    def loop(kernel: int, arity: int, length_column: int, element_bytes: int, table: int, *rest: int) -> None:
+        zeros = np.zeros(arity, dtype=np.int64)
+        real(kernel, arity, length_column, zeros.ctypes.data, table, *rest)
+
+    return loop
+
+
+@pytest.mark.parametrize("breakage", [skipping_the_last_row, splitting_without_offsets])
+def test_rows_that_do_not_reproduce_torch_compile_are_not_called(
+    breakage: Callable[[Callable[..., None]], Callable[..., None]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Were the C loop over rows wrong (skipping a row, or not moving the pointers where it splits a row among
+    # threads), the self-test on scratch rows must catch it. The single-threaded kernel compiled for the rows
+    # then makes way for a parallel one, called directly from Python, segment by segment.
     real = compiled._rows_function()
     assert real is not None
-
-    def skipping_the_last_row(kernel: int, arity: int, table: int, rows: int) -> None:
-        real(kernel, arity, table, rows - 1)
-
-    monkeypatch.setattr(compiled, "_rows_function", lambda: skipping_the_last_row)
+    monkeypatch.setattr(compiled, "_rows_function", lambda: breakage(real))
     actual = train("adam", {}, "compiled")
     assert_same(reference("adam", {}), actual, exact=False)
-    assert [(variant.direct, variant.calls_rows) for variant in compiled_updates(actual[1]) if variant] == [
-        (True, False)
+    variants = [variant for variant in compiled_updates(actual[1]) if variant]
+    assert [(variant.direct, variant.calls_rows, variant._single_threaded) for variant in variants] == [
+        (True, False, False)
     ]
 
 

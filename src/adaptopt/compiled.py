@@ -28,11 +28,13 @@ argument) keeps going through `torch.compile`.
 One step deeper, a bucket's params need not be one call each from Python. The kernel's Python wrapper calls
 one C function with pointers and the length; `_learn_rows` finds that function (by recording the wrapper's
 call on scratch inputs) and `call_rows` calls it from a small C loop, once per *row* of a table of
-addresses: a row per param, its grad wherever autograd left it. Rows are shared out among the threads whole
-(the kernel's own parallel region, nested, then runs on one thread), large ones spread over all threads.
-So 200 params with new grads cost one call from Python and no copy. It too is used only after it has updated
-scratch rows bitwise as the `torch.compile` path updates the whole, and only on 64-bit x86 and ARM, where
-pointers and 64-bit integers are passed alike.
+addresses: a row per param, its grad wherever autograd left it. Inductor compiles the kernel single-threaded
+for it, and the loop splits the elements of all rows evenly among the threads, in one parallel region: a
+call per thread and row it meets, not a parallel region per row (which cost 10% more at 200 rows of 10k).
+So 200 params with new grads cost one call from Python and no copy; a segment is a table of one row. The
+rows too are used only after they have updated scratch rows bitwise as the `torch.compile` path updates the
+whole (otherwise the update is compiled anew, parallel, and called from Python), and only on 64-bit x86 and
+ARM, where pointers and 64-bit integers are passed alike.
 """
 
 from __future__ import annotations
@@ -58,14 +60,17 @@ SELF_TEST_LENGTH = 64
 """Elements of the scratch inputs on which a directly called kernel must match `torch.compile`'s path."""
 
 SELF_TEST_ROWS = ((0, 20), (20, 21), (21, 23), (23, SELF_TEST_LENGTH))
-SELF_TEST_ALONE = 30
+SELF_TEST_THREADS = 3
 """The rows `call_rows` must step as `torch.compile` steps the whole: the first reads the flat grad, the
-others grads of their own; one is a single element; the last is called alone, the others shared out among
-the threads."""
+others grads of their own; one is a single element; split among three threads (at 16 and 32), the first
+and the last are split mid-row."""
 
-ROW_ALONE_NUMEL = 1 << 17
-"""`call_rows` calls the kernel on a row of this many elements or more by itself, spread over every thread;
-smaller rows are shared out among the threads, whole, each call on one thread."""
+ROWS_SERIAL_NUMEL = 1 << 13
+"""`call_rows` steps rows of fewer elements than this in all on the calling thread: starting the other
+threads would cost more than they save."""
+
+ROW_SPLIT_GRAIN = 16
+"""Where `call_rows` splits the elements among threads: at multiples of this many (a 64-byte line of fp32)."""
 
 _ROW_CALLS = "\n".join(
     f"        case {arity}: reinterpret_cast<void (*)({', '.join(['word'] * arity)})>(kernel)"
@@ -73,6 +78,7 @@ _ROW_CALLS = "\n".join(
     for arity in range(1, 33)
 )
 _ROWS_SOURCE = """
+#include <algorithm>
 #include <cstdint>
 #include <omp.h>
 typedef int64_t word;
@@ -85,40 +91,48 @@ ROW_CALLS
     }
 }
 
-// Each row of `table` is one call's arguments; `length_column` says which is the number of elements. Rows
-// of `alone` elements or more are called one after the other, the kernel's own parallel region spreading
-// each over every thread. The rest are shared out among our threads, each row to the thread whose share of
-// their elements holds its middle; nested in our region, the kernel's region then has one thread.
-extern "C" void adaptopt_call_rows(void* kernel, int64_t arity, int64_t length_column, const word* table,
-                                   int64_t rows, int64_t alone) {
-    int64_t shared = 0;
-    for (int64_t row = 0; row < rows; ++row) {
+// Each row of `table` is one call's arguments; `length_column` says which is the number of elements, and
+// `element_bytes` by how much each argument moves per element (0: not an array of elements). The kernel is
+// single-threaded; the elements of all rows, one after the other, are split evenly among the threads (at
+// multiples of `grain`), and each thread calls the kernel on its part of every row it meets, so one
+// parallel region steps the whole table however its rows are sized. Fewer than `serial_below` elements in
+// all are stepped on the calling thread. `threads` > 0 asks for that many threads (the self-test does).
+static void step_part(void* kernel, int64_t arity, int64_t length_column, const int64_t* element_bytes,
+                      const word* table, int64_t rows, int64_t begin, int64_t end) {
+    word part[32];
+    int64_t at = 0;
+    for (int64_t row = 0; row < rows && at < end; ++row) {
         const word* a = table + row * arity;
-        if (a[length_column] >= alone) {
-            call(kernel, arity, a);
-        } else {
-            shared += a[length_column];
+        const int64_t length = a[length_column];
+        const int64_t low = std::max(at, begin), high = std::min(at + length, end);
+        if (low < high) {
+            for (int64_t column = 0; column < arity; ++column) {
+                part[column] = a[column] + (low - at) * element_bytes[column];
+            }
+            part[length_column] = high - low;
+            call(kernel, arity, part);
         }
+        at += length;
     }
-    if (shared == 0) {
+}
+
+extern "C" void adaptopt_call_rows(void* kernel, int64_t arity, int64_t length_column, const int64_t* element_bytes,
+                                   const word* table, int64_t rows, int64_t serial_below, int64_t grain,
+                                   int64_t threads) {
+    int64_t total = 0;
+    for (int64_t row = 0; row < rows; ++row) {
+        total += table[row * arity + length_column];
+    }
+    if (total < serial_below) {
+        step_part(kernel, arity, length_column, element_bytes, table, rows, 0, total);
         return;
     }
-    #pragma omp parallel
+    #pragma omp parallel num_threads(threads > 0 ? threads : omp_get_max_threads())
     {
-        const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
-        const int64_t begin = shared * me / threads, end = shared * (me + 1) / threads;
-        int64_t at = 0;
-        for (int64_t row = 0; row < rows; ++row) {
-            const word* a = table + row * arity;
-            const int64_t length = a[length_column];
-            if (length < alone) {
-                const int64_t middle = at + length / 2;
-                if (begin <= middle && middle < end) {
-                    call(kernel, arity, a);
-                }
-                at += length;
-            }
-        }
+        const int64_t count = omp_get_num_threads(), me = omp_get_thread_num();
+        const int64_t begin = total * me / count / grain * grain;
+        const int64_t end = me + 1 == count ? total : total * (me + 1) / count / grain * grain;
+        step_part(kernel, arity, length_column, element_bytes, table, rows, begin, end);
     }
 }
 """.replace("ROW_CALLS", _ROW_CALLS)
@@ -137,7 +151,7 @@ def _rows_function() -> Any:
 
                 function = CppCodeCache.load(_ROWS_SOURCE).adaptopt_call_rows
                 function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-                function.argtypes += [ctypes.c_int64, ctypes.c_int64]
+                function.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
                 function.restype = None
                 _row_caller = function
             except Exception:  # No compiler, or inductor's internals moved: steps go through Python calls.
@@ -155,6 +169,8 @@ class _RowKernel(NamedTuple):
     plan: tuple[int, ...]
     """For each of the kernel's arguments, where it is in `(param, grad, packed, *state, length)`."""
     length_column: int
+    element_bytes: np.ndarray
+    """For each of the kernel's arguments, the bytes of one element (0 for the scalars and the length)."""
     library: ctypes.CDLL
     """The kernel's library, held open."""
 
@@ -167,8 +183,18 @@ class _RowKernel(NamedTuple):
             table[index] = [values[source] for source in self.plan]
         return table
 
-    def run(self, table: np.ndarray, alone: int) -> None:
-        self.loop(self.kernel, len(self.plan), self.length_column, table.ctypes.data, table.shape[0], alone)
+    def run(self, table: np.ndarray, serial_below: int = ROWS_SERIAL_NUMEL, threads: int = 0) -> None:
+        self.loop(
+            self.kernel,
+            len(self.plan),
+            self.length_column,
+            self.element_bytes.ctypes.data,
+            table.ctypes.data,
+            table.shape[0],
+            serial_below,
+            ROW_SPLIT_GRAIN,
+            threads,
+        )
 
 
 def _is_cpp_binding(value: Any) -> bool:
@@ -217,10 +243,12 @@ class CompiledUpdate:
                 scalars[name] = packed[index]
             optimizer._update(dict(zip(keys, state, strict=True)), constants, grad, param, scalars)
 
-        # A code object of its own: dynamo keeps its cache and recompile limit per code object.
-        code = update.__code__.replace(co_name=f"adaptopt_update_{tag}")
-        function = types.FunctionType(code, update.__globals__, code.co_name, None, update.__closure__)
-        self._dynamo: Callable[..., Any] = torch.compile(function, fullgraph=True, dynamic=False, backend=self._compile)
+        self._update, self._tag = update, tag
+        self._single_threaded = device.type == "cpu" and _rows_function() is not None
+        """Whether inductor compiles a single-threaded kernel, for `call_rows` to spread over the threads.
+        On the CPU where the C loop is at hand; should the rows then fail their self-test, the update is
+        compiled anew, parallel."""
+        self._dynamo = self._compiled_function("")
         self._kernel: Callable[[list[Any]], Any] | None = None
         """Inductor's compiled graph, called directly (boxed: one list of arguments) once verified."""
         self._arguments: Callable[..., tuple[Any, ...]] | None = None
@@ -235,6 +263,13 @@ class CompiledUpdate:
         self._device = device
         self._packed = torch.zeros(len(scalar_names), dtype=torch.float64) if device.type == "cpu" else None
         self._packed_numpy = None if self._packed is None else self._packed.numpy()
+
+    def _compiled_function(self, suffix: str) -> Callable[..., Any]:
+        # A code object of its own: dynamo keeps its cache and recompile limit per code object.
+        update = self._update
+        code = update.__code__.replace(co_name=f"adaptopt_update_{self._tag}{suffix}")
+        function = types.FunctionType(code, update.__globals__, code.co_name, None, update.__closure__)
+        return torch.compile(function, fullgraph=True, dynamic=False, backend=self._compile)
 
     @property
     def direct(self) -> bool:
@@ -263,7 +298,7 @@ class CompiledUpdate:
         """Update each row of `table` (`row_table`'s) with the scalars last `pack`ed: one call into C, which
         calls inductor's kernel once per row."""
         assert self._rows is not None and table.dtype == np.int64 and table.flags.c_contiguous
-        self._rows.run(table, ROW_ALONE_NUMEL)
+        self._rows.run(table)
         self.row_calls += 1
 
     def fits(self, group: Group, scalars: Scalars) -> bool:
@@ -295,6 +330,9 @@ class CompiledUpdate:
         self, param: torch.Tensor, grad: torch.Tensor, packed: torch.Tensor, state: list[torch.Tensor]
     ) -> None:
         """Update the segment: `param`, `grad` and each of `state` are flat and of one length, at least 2."""
+        if self._rows is not None:
+            self._rows.run(self._rows.table([(param, grad, state)], packed))
+            return
         if self._arguments is not None:
             assert self._kernel is not None
             self._kernel(list(self._arguments((param, grad, packed, *state, param.shape[0]))))
@@ -313,6 +351,11 @@ class CompiledUpdate:
             if self._reproduces_torch_compile(kernel, arguments, (param, grad, packed, *state)):
                 self._kernel, self._arguments = kernel, arguments
                 self._rows = self._learn_rows(kernel, arguments, (param, grad, packed, *state))
+        if self._single_threaded and self._rows is None:
+            # This call went well, but a single-threaded kernel without the rows would leave threads idle.
+            self._single_threaded = False
+            self._kernel = self._arguments = None
+            self._dynamo = self._compiled_function("_parallel")
 
     def _compile(self, graph_module: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         """Dynamo's backend: inductor (`compile_fx`), keeping hold of the kernel it compiles, and learning on
@@ -335,7 +378,10 @@ class CompiledUpdate:
             else contextlib.nullcontext()
         )
         # Size asserts re-check, on every call, what dynamo's guards or `__call__`'s callers already ensure.
-        with no_autograd_cache, torch._inductor.config.patch(size_asserts=False):
+        settings: dict[str, Any] = {"size_asserts": False}
+        if self._single_threaded:
+            settings["cpp.threads"] = 1
+        with no_autograd_cache, torch._inductor.config.patch(settings):
             graph = cast(Callable[..., Any], compile_fx(graph_module, example_inputs, inner_compile=inner_compile))
         CompiledUpdate.compilations += 1
         kernel = kernels[0] if len(kernels) == 1 and getattr(kernels[0], "_boxed_call", False) else None
@@ -375,7 +421,7 @@ class CompiledUpdate:
         whether the wrapper does nothing else than call one C kernel, and which of our inputs (by identity)
         or the length each argument of that kernel is. The binding names the C function of its library.
         Then `call_rows` must update scratch rows bitwise as the `torch.compile` path updates the whole,
-        both ways it calls the kernel: on a row alone, and on rows shared out among threads.
+        with the elements split among `SELF_TEST_THREADS` threads, two of the rows mid-row.
         """
         function = _rows_function()
         wrapper = getattr(getattr(kernel, "__func__", kernel), "__globals__", None)
@@ -413,7 +459,11 @@ class CompiledUpdate:
             return None
         if address is None:
             return None
-        rows = _RowKernel(function, address, tuple(plan), plan.index(len(probe)), library)
+        element_bytes = np.array(
+            [probe[source].element_size() if source < len(probe) and source != 2 else 0 for source in plan],
+            dtype=np.int64,
+        )
+        rows = _RowKernel(function, address, tuple(plan), plan.index(len(probe)), element_bytes, library)
         expected, actual = _scratch(inputs), _scratch(inputs)
         param, grad, _, *state = actual
         # Held here: the table only holds the addresses of the rows' grads of their own.
@@ -428,7 +478,7 @@ class CompiledUpdate:
         table = rows.table(scratch_rows, self._packed)
         try:
             self._dynamo(*expected)
-            rows.run(table, alone=SELF_TEST_ALONE)
+            rows.run(table, serial_below=0, threads=SELF_TEST_THREADS)
         except Exception:
             return None
         same = all(torch.equal(want, got) for want, got in zip(expected, actual, strict=True))
