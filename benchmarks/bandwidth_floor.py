@@ -1,0 +1,118 @@
+"""How close the 4 x 4M step is to what memory allows: steps against kernels that only move the same bytes.
+
+    .venv/bin/python benchmarks/bandwidth_floor.py --repeats 15
+
+Adam's step reads param, grad, exp_avg and exp_avg_sq and writes three of them back: 7 passes over 64 MB
+here. AMSGrad also reads and writes its running maximum: 9 passes. Timed side by side, interleaved, medians,
+ratios to `torch.optim.Adam(fused=True)` as in `step_speed.py` (but with grads assigned once, so that only
+the step runs):
+
+* the optimizers' steps (ours compiled, torch's fused);
+* "7 passes" and "9 passes": `torch.compile`d kernels over 16M-element buffers that only add the grad into
+  the three or four other buffers, the same bytes read and written as Adam's and AMSGrad's steps, with no
+  arithmetic to speak of: the floor that memory bandwidth sets;
+* "Adam math" and "AMSGrad math": the same kernels doing the optimizers' arithmetic (a square root and a
+  division per element), to tell the arithmetic's cost from the step's other costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+import adaptopt
+
+PARAMS = 4
+NUMEL = 4_000_000
+
+
+def _optimizer_step(make: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]) -> Callable[[], None]:
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(NUMEL, generator=generator) * 0.05) for _ in range(PARAMS)]
+    optimizer = make(params)
+    for param in params:
+        param.grad = torch.randn(NUMEL, generator=generator)
+    return optimizer.step
+
+
+@torch.compile(dynamic=True)
+def _seven_passes(param: torch.Tensor, grad: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> None:
+    param.add_(grad)
+    first.add_(grad)
+    second.add_(grad)
+
+
+@torch.compile(dynamic=True)
+def _nine_passes(
+    param: torch.Tensor, grad: torch.Tensor, first: torch.Tensor, second: torch.Tensor, third: torch.Tensor
+) -> None:
+    param.add_(grad)
+    first.add_(grad)
+    second.add_(grad)
+    third.add_(grad)
+
+
+@torch.compile(dynamic=True)
+def _adam_math(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+    exp_avg.lerp_(grad, 0.1)
+    exp_avg_sq.mul_(0.999).addcmul_(grad, grad, value=0.001)
+    param.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(1e-8), value=-1e-3)
+
+
+@torch.compile(dynamic=True)
+def _amsgrad_math(
+    param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, maximum: torch.Tensor
+) -> None:
+    exp_avg.lerp_(grad, 0.1)
+    exp_avg_sq.mul_(0.999).addcmul_(grad, grad, value=0.001)
+    torch.maximum(maximum, exp_avg_sq, out=maximum)
+    param.addcdiv_(exp_avg, maximum.sqrt().add_(1e-8), value=-1e-3)
+
+
+def _kernel_step(kernel: Callable[..., None], buffers: int) -> Callable[[], None]:
+    generator = torch.Generator().manual_seed(0)
+    tensors = [torch.rand(PARAMS * NUMEL, generator=generator) for _ in range(buffers)]
+    return lambda: kernel(*tensors)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    contenders = {
+        "torch Adam fused": _optimizer_step(lambda p: torch.optim.Adam(p, fused=True)),
+        "torch Adam(amsgrad=True) fused": _optimizer_step(lambda p: torch.optim.Adam(p, amsgrad=True, fused=True)),
+        "ours Adam (compiled)": _optimizer_step(lambda p: adaptopt.Adam(p, execution="compiled")),
+        "ours AMSGrad (compiled)": _optimizer_step(lambda p: adaptopt.AMSGrad(p, execution="compiled")),
+        "7 passes": _kernel_step(_seven_passes, 4),
+        "9 passes": _kernel_step(_nine_passes, 5),
+        "Adam math": _kernel_step(_adam_math, 4),
+        "AMSGrad math": _kernel_step(_amsgrad_math, 5),
+    }
+    for step in contenders.values():  # compile, and leave the first steps out
+        for _ in range(3):
+            step()
+    seconds: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(args.repeats):
+        for name, step in contenders.items():
+            for _ in range(3):
+                start = time.perf_counter()
+                step()
+                seconds[name].append(time.perf_counter() - start)
+    fused = statistics.median(seconds["torch Adam fused"])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {PARAMS} x {NUMEL} fp32, median ms")
+    print("| contender | ms (x fused Adam) |")
+    print("|---|---|")
+    for name, times in seconds.items():
+        median = statistics.median(times)
+        print(f"| {name} | {1e3 * median:.2f} ({median / fused:.2f}x) |")
+
+
+if __name__ == "__main__":
+    main()
