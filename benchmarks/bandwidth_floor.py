@@ -4,13 +4,14 @@
 
 Adam's step reads param, grad, exp_avg and exp_avg_sq and writes three of them back: 7 passes over 64 MB
 here. AMSGrad also reads and writes its running maximum: 9 passes. Timed side by side, interleaved, medians,
-ratios to `torch.optim.Adam(fused=True)` as in `step_speed.py` (but with grads assigned once, so that only
-the step runs):
+ratios to `torch.optim.Adam(fused=True)`, in `step_speed.py`'s conditions: before every step, of every
+contender, backward (or, for the kernels, the same multiplication) hands over 4 new grads of 4M.
 
 * the optimizers' steps (ours compiled, torch's fused);
-* "7 passes" and "9 passes": `torch.compile`d kernels over 16M-element buffers that only add the grad into
-  the three or four other buffers, the same bytes read and written as Adam's and AMSGrad's steps, with no
-  arithmetic to speak of: the floor that memory bandwidth sets;
+* "7 passes" and "9 passes": `torch.compile`d kernels that only add each grad into the three or four other
+  buffers, the same bytes read and written as Adam's and AMSGrad's steps with no arithmetic to speak of: the
+  floor that memory bandwidth sets. Their other buffers are where a bucket keeps its own (`bucket_buffer`:
+  on huge pages where Linux allows it), the grads where torch's allocator puts them, as in our steps;
 * "Adam math" and "AMSGrad math": the same kernels doing the optimizers' arithmetic (a square root and a
   division per element), to tell the arithmetic's cost from the step's other costs.
 """
@@ -25,18 +26,26 @@ from collections.abc import Callable
 import torch
 
 import adaptopt
+from adaptopt.memory import bucket_buffer
 
 PARAMS = 4
 NUMEL = 4_000_000
 
 
-def _optimizer_step(make: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]) -> Callable[[], None]:
+def _optimizer_step(make: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]) -> Callable[[], float]:
     generator = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(NUMEL, generator=generator) * 0.05) for _ in range(PARAMS)]
+    directions = [torch.randn(NUMEL, generator=generator) for _ in range(PARAMS)]
     optimizer = make(params)
-    for param in params:
-        param.grad = torch.randn(NUMEL, generator=generator)
-    return optimizer.step
+
+    def step() -> float:
+        optimizer.zero_grad()
+        sum((param * direction).sum() for param, direction in zip(params, directions, strict=True)).backward()
+        start = time.perf_counter()
+        optimizer.step()
+        return time.perf_counter() - start
+
+    return step
 
 
 @torch.compile(dynamic=True)
@@ -73,10 +82,22 @@ def _amsgrad_math(
     param.addcdiv_(exp_avg, maximum.sqrt().add_(1e-8), value=-1e-3)
 
 
-def _kernel_step(kernel: Callable[..., None], buffers: int) -> Callable[[], None]:
+def _kernel_step(kernel: Callable[..., None], buffers: int) -> Callable[[], float]:
     generator = torch.Generator().manual_seed(0)
-    tensors = [torch.rand(PARAMS * NUMEL, generator=generator) for _ in range(buffers)]
-    return lambda: kernel(*tensors)
+    flat = [bucket_buffer(PARAMS * NUMEL, torch.float32, torch.device("cpu")) for _ in range(buffers - 1)]
+    for buffer in flat:
+        buffer.uniform_(generator=generator)
+    directions = [torch.randn(NUMEL, generator=generator) for _ in range(PARAMS)]
+    parts = [[buffer[index * NUMEL : (index + 1) * NUMEL] for buffer in flat] for index in range(PARAMS)]
+
+    def step() -> float:
+        grads = [direction * 1.0 for direction in directions]  # new tensors, as backward hands them over
+        start = time.perf_counter()
+        for (param, *state), grad in zip(parts, grads, strict=True):
+            kernel(param, grad, *state)
+        return time.perf_counter() - start
+
+    return step
 
 
 def main() -> None:
@@ -102,9 +123,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, step in contenders.items():
             for _ in range(3):
-                start = time.perf_counter()
-                step()
-                seconds[name].append(time.perf_counter() - start)
+                seconds[name].append(step())
     fused = statistics.median(seconds["torch Adam fused"])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {PARAMS} x {NUMEL} fp32, median ms")
     print("| contender | ms (x fused Adam) |")
