@@ -539,6 +539,27 @@ def test_compiled_equals_reference(
         assert not bucket.flat_grad.any()
 
 
+@pytest.mark.parametrize("name", ["amsgrad", "adabelief"])
+def test_compiled_rows_split_among_threads_equal_reference(name: str) -> None:
+    # 13503 elements: past ROWS_SERIAL_NUMEL, so the loop over rows splits them among the threads, mid-row.
+    def wide() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 1500), nn.Tanh(), nn.Linear(1500, 3)).to(F64)
+
+    assert sum(param.numel() for param in wide().parameters()) > compiled.ROWS_SERIAL_NUMEL
+    options = dict(CONFIGS)[name]
+    expected = reference(name, options, model=wide())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # a split even where the machine has one core
+    try:
+        actual = train(name, options, "compiled", model=wide())
+    finally:
+        torch.set_num_threads(threads)
+    assert_same(expected, actual, exact=False)
+    variants = [variant for variant in compiled_updates(actual[1]) if variant is not None]
+    assert sum(variant.row_calls for variant in variants) == STEPS - len(variants)
+
+
 def compiled_updates(optimizer: torch.optim.Optimizer) -> list[CompiledUpdate | None]:
     engine = optimizer._buckets  # type: ignore[attr-defined]
     return list(engine._compiled.values())
