@@ -11,9 +11,10 @@ contender, backward (or, for the kernels, the same multiplication) hands over 4 
 * "7 passes" and "9 passes": `torch.compile`d kernels that only add each grad into the three or four other
   buffers, the same bytes read and written as Adam's and AMSGrad's steps with no arithmetic to speak of: the
   floor that memory bandwidth sets. Their other buffers are where a bucket keeps its own (`bucket_buffer`:
-  on huge pages where Linux allows it), the grads where torch's allocator puts them, as in our steps;
-* "Adam math" and "AMSGrad math": the same kernels doing the optimizers' arithmetic (a square root and a
-  division per element), to tell the arithmetic's cost from the step's other costs.
+  on huge pages where Linux allows it), the grads where torch's allocator puts them, as in our steps.
+
+(No kernel here does an optimizer's arithmetic: that is written once, in the optimizers, and timed as their
+steps.)
 """
 
 from __future__ import annotations
@@ -65,23 +66,6 @@ def _nine_passes(
     third.add_(grad)
 
 
-@torch.compile(dynamic=True)
-def _adam_math(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
-    exp_avg.lerp_(grad, 0.1)
-    exp_avg_sq.mul_(0.999).addcmul_(grad, grad, value=0.001)
-    param.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(1e-8), value=-1e-3)
-
-
-@torch.compile(dynamic=True)
-def _amsgrad_math(
-    param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, maximum: torch.Tensor
-) -> None:
-    exp_avg.lerp_(grad, 0.1)
-    exp_avg_sq.mul_(0.999).addcmul_(grad, grad, value=0.001)
-    torch.maximum(maximum, exp_avg_sq, out=maximum)
-    param.addcdiv_(exp_avg, maximum.sqrt().add_(1e-8), value=-1e-3)
-
-
 def _kernel_step(kernel: Callable[..., None], buffers: int) -> Callable[[], float]:
     generator = torch.Generator().manual_seed(0)
     flat = [bucket_buffer(PARAMS * NUMEL, torch.float32, torch.device("cpu")) for _ in range(buffers - 1)]
@@ -113,8 +97,6 @@ def main() -> None:
         "ours AMSGrad (compiled)": _optimizer_step(lambda p: adaptopt.AMSGrad(p, execution="compiled")),
         "7 passes": _kernel_step(_seven_passes, 4),
         "9 passes": _kernel_step(_nine_passes, 5),
-        "Adam math": _kernel_step(_adam_math, 4),
-        "AMSGrad math": _kernel_step(_amsgrad_math, 5),
     }
     for step in contenders.values():  # compile, and leave the first steps out
         for _ in range(3):
