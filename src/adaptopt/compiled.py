@@ -296,7 +296,7 @@ class CompiledUpdate:
 
     def call_rows(self, table: np.ndarray) -> None:
         """Update each row of `table` (`row_table`'s) with the scalars last `pack`ed: one call into C, which
-        calls inductor's kernel once per row."""
+        calls inductor's kernel on each thread's part of each row."""
         assert self._rows is not None and table.dtype == np.int64 and table.flags.c_contiguous
         self._rows.run(table)
         self.row_calls += 1

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from .compiled import CompiledUpdate, compilation_supported
-from .memory import bucket_buffer
+from .memory import as_bucket_buffer, bucket_buffer
 
 if TYPE_CHECKING:
     from .base import GenericAdaptiveOptimizer, Group, Scalars, State
@@ -325,10 +325,7 @@ class BucketedExecution:
             for value in created.values()
         ):
             return None  # Not elementwise state after all: the reference loop keeps these params.
-        state_buffers = {
-            key: bucket_buffer(value.numel(), value.dtype, value.device).view(value.shape).copy_(value)
-            for key, value in created.items()
-        }
+        state_buffers = {key: as_bucket_buffer(value) for key, value in created.items()}
         elements = 2 if flat_param.is_complex() else 1
         flat_grad = bucket_buffer(flat_param.numel(), flat_param.dtype, flat_param.device).zero_()
         param_views = [_alias(flat_param, offset, param) for param, offset in zip(params, offsets, strict=False)]

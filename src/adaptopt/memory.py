@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["HUGE_PAGE", "HUGE_PAGE_MIN_BYTES", "bucket_buffer", "huge_pages_available"]
+__all__ = ["HUGE_PAGE", "HUGE_PAGE_MIN_BYTES", "as_bucket_buffer", "bucket_buffer", "huge_pages_available"]
 
 HUGE_PAGE = 2 << 20
 """The size of a transparent huge page on x86-64 and on arm64 with 4 KiB base pages."""
@@ -52,10 +52,15 @@ def huge_pages_available() -> bool:
     return "[never]" not in setting
 
 
+def _mapped(nbytes: int, device: torch.device) -> bool:
+    """Whether `bucket_buffer` maps a buffer of `nbytes` on `device` itself (else torch allocates it)."""
+    return device.type == "cpu" and nbytes > 0 and nbytes >= HUGE_PAGE_MIN_BYTES and huge_pages_available()
+
+
 def bucket_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialized 1-d tensor of `numel` elements, on huge pages where that is possible (see above)."""
     nbytes = numel * dtype.itemsize
-    if device.type != "cpu" or nbytes == 0 or nbytes < HUGE_PAGE_MIN_BYTES or not huge_pages_available():
+    if not _mapped(nbytes, device):
         return torch.empty(numel, dtype=dtype, device=device)
     mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
@@ -65,3 +70,11 @@ def bucket_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch
             mapping.madvise(mmap.MADV_HUGEPAGE, start, nbytes - nbytes % HUGE_PAGE)
     # The tensor's storage keeps the mapping alive, and unmaps it when the last view is gone.
     return torch.frombuffer(mapping, dtype=dtype, count=numel, offset=start)
+
+
+def as_bucket_buffer(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous `tensor` where `bucket_buffer` would have put it: itself where torch's allocator would,
+    a copy on huge pages otherwise."""
+    if not _mapped(tensor.numel() * tensor.element_size(), tensor.device):
+        return tensor
+    return bucket_buffer(tensor.numel(), tensor.dtype, tensor.device).view(tensor.shape).copy_(tensor)
