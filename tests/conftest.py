@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import adaptopt
+from adaptopt import compiled, torch_internals
 from reference import Reference, Sophia
 
 OPTIMIZER_CLASSES = [
@@ -85,6 +86,19 @@ def _rosenbrock_problem() -> Problem:
 
     # No labels to sample: the curvature proxy is the squared gradient of the objective itself.
     return Problem("rosenbrock", initial, loss, loss)
+
+
+@pytest.fixture(autouse=True)
+def torch_internals_restored() -> Any:
+    """A test that makes adaptopt give up a torch internal (`torch_internals.lose`) gives it back afterwards:
+    losing one is for the rest of the process, and the tests after it must see the fast paths whole. What was
+    found is looked up again, as a test may have patched it."""
+    lost = dict(torch_internals._lost)
+    yield
+    torch_internals._found.clear()
+    if torch_internals._lost != lost:
+        torch_internals.reset()
+        compiled._row_caller = None
 
 
 @pytest.fixture

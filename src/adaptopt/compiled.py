@@ -39,17 +39,18 @@ ARM, where pointers and 64-bit integers are passed alike.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import operator
 import platform
 import sys
 import types
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
+
+from . import torch_internals as internals
 
 if TYPE_CHECKING:
     from .base import GenericAdaptiveOptimizer, Group, Scalars
@@ -146,16 +147,12 @@ def _rows_function() -> Any:
     if _row_caller is None:
         _row_caller = False
         if sys.maxsize > 2**32 and platform.machine().lower() in ("x86_64", "amd64", "aarch64", "arm64"):
-            try:
-                from torch._inductor.codecache import CppCodeCache
-
-                function = CppCodeCache.load(_ROWS_SOURCE).adaptopt_call_rows
+            function = internals.load_c_function(_ROWS_SOURCE, "adaptopt_call_rows")
+            if function is not None:
                 function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
                 function.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
                 function.restype = None
                 _row_caller = function
-            except Exception:  # No compiler, or inductor's internals moved: steps go through Python calls.
-                pass
     return _row_caller or None
 
 
@@ -197,18 +194,9 @@ class _RowKernel(NamedTuple):
         )
 
 
-def _is_cpp_binding(value: Any) -> bool:
-    """Whether `value` is a function of a compiled extension module (how inductor's wrappers hold kernels)."""
-    module = getattr(value, "__self__", None)
-    return (
-        isinstance(value, types.BuiltinFunctionType)
-        and isinstance(module, types.ModuleType)
-        and str(getattr(module, "__file__", "")).endswith((".so", ".pyd", ".dylib"))
-    )
-
-
 def compilation_supported() -> bool:
-    return bool(torch._dynamo.eval_frame.is_dynamo_supported())
+    """Whether buckets can be compiled here: torch.compile works, and a segment's length can be made dynamic."""
+    return internals.dynamo_supported() and internals.available("torch._dynamo.mark_dynamic")
 
 
 class CompiledUpdate:
@@ -244,7 +232,11 @@ class CompiledUpdate:
             optimizer._update(dict(zip(keys, state, strict=True)), constants, grad, param, scalars)
 
         self._update, self._tag = update, tag
-        self._single_threaded = device.type == "cpu" and _rows_function() is not None
+        self._single_threaded = (
+            device.type == "cpu"
+            and _rows_function() is not None
+            and internals.inductor_setting_available("cpp.threads")
+        )
         """Whether inductor compiles a single-threaded kernel, for `call_rows` to spread over the threads.
         On the CPU where the C loop is at hand; should the rows then fail their self-test, the update is
         compiled anew, parallel."""
@@ -269,7 +261,8 @@ class CompiledUpdate:
         update = self._update
         code = update.__code__.replace(co_name=f"adaptopt_update_{self._tag}{suffix}")
         function = types.FunctionType(code, update.__globals__, code.co_name, None, update.__closure__)
-        return torch.compile(function, fullgraph=True, dynamic=False, backend=self._compile)
+        backend = self._compile if internals.kernel_keeping_available() else "inductor"
+        return torch.compile(function, fullgraph=True, dynamic=False, backend=backend)
 
     @property
     def direct(self) -> bool:
@@ -338,7 +331,7 @@ class CompiledUpdate:
             self._kernel(list(self._arguments((param, grad, packed, *state, param.shape[0]))))
             return
         for tensor in (param, grad, *state):
-            torch._dynamo.mark_dynamic(tensor, 0)
+            internals.mark_dynamic(tensor, 0)
         if self._kernel is None and param.device.type == "cpu":
             self._probe = (param, grad, packed, *state)
         try:
@@ -360,33 +353,12 @@ class CompiledUpdate:
     def _compile(self, graph_module: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         """Dynamo's backend: inductor (`compile_fx`), keeping hold of the kernel it compiles, and learning on
         the call that compiles in which order that kernel takes our inputs."""
-        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
-
-        kernels = []
-
-        def inner_compile(*args: Any, **kwargs: Any) -> Any:
-            kernel = compile_fx_inner(*args, **kwargs)
-            kernels.append(kernel)
-            return kernel
-
-        # AOTAutograd's own cache would hand back a compiled graph without calling `inner_compile`; inductor's
-        # FX-graph cache still spares the C++ compilation.
-        functorch_config = torch._functorch.config
-        no_autograd_cache = (
-            functorch_config.patch(enable_autograd_cache=False)
-            if hasattr(functorch_config, "enable_autograd_cache")
-            else contextlib.nullcontext()
-        )
         # Size asserts re-check, on every call, what dynamo's guards or `__call__`'s callers already ensure.
         settings: dict[str, Any] = {"size_asserts": False}
         if self._single_threaded:
             settings["cpp.threads"] = 1
-        with no_autograd_cache, torch._inductor.config.patch(settings):
-            graph = cast(Callable[..., Any], compile_fx(graph_module, example_inputs, inner_compile=inner_compile))
+        graph, kernel = internals.compile_keeping_kernel(graph_module, example_inputs, settings)
         CompiledUpdate.compilations += 1
-        kernel = kernels[0] if len(kernels) == 1 and getattr(kernels[0], "_boxed_call", False) else None
-        # The compiled graph's own wrapper only adds debugging and autotuning hooks around its callable.
-        kernel = getattr(kernel, "current_callable", None) or kernel
 
         def run(*args: Any) -> Any:
             if self._probe is not None and kernel is not None:
@@ -403,13 +375,18 @@ class CompiledUpdate:
     ) -> bool:
         """Whether `kernel`, given `arguments(...)`, updates scratch copies of a prefix of `inputs` exactly as
         the `torch.compile` path (dynamo, with its own view of the arguments) updates another set of copies."""
+        name = "CompiledFxGraph.current_callable"
         expected, actual = _scratch(inputs), _scratch(inputs)
         try:
             self._dynamo(*expected)
             kernel(list(arguments((*actual, actual[0].shape[0]))))
-        except Exception:
+        except Exception as error:
+            internals.lose(name, f"calling it directly raised {type(error).__name__}: {error}")
             return False
-        return all(torch.equal(want, got) for want, got in zip(expected, actual, strict=True))
+        if not all(torch.equal(want, got) for want, got in zip(expected, actual, strict=True)):
+            internals.lose(name, "called directly, it did not update as torch.compile")
+            return False
+        return True
 
     def _learn_rows(
         self, kernel: Callable[[list[Any]], Any], arguments: Callable[..., tuple[Any, ...]], inputs: tuple[Any, ...]
@@ -424,46 +401,27 @@ class CompiledUpdate:
         with the elements split among `SELF_TEST_THREADS` threads, two of the rows mid-row.
         """
         function = _rows_function()
-        wrapper = getattr(getattr(kernel, "__func__", kernel), "__globals__", None)
-        if function is None or self._packed is None or inputs[2] is not self._packed or not isinstance(wrapper, dict):
+        if function is None or self._packed is None or inputs[2] is not self._packed:
             return None
-        bindings = {name: value for name, value in wrapper.items() if _is_cpp_binding(value)}
-        calls: list[tuple[Any, tuple[Any, ...]]] = []
-
-        def recording(binding: Any) -> Callable[..., Any]:
-            def record(*args: Any) -> Any:
-                calls.append((binding, args))
-                return binding(*args)
-
-            return record
-
         probe = _scratch(inputs)
-        length = probe[0].shape[0]
-        try:
-            wrapper.update({name: recording(binding) for name, binding in bindings.items()})
-            kernel(list(arguments((*probe, length))))
-        except Exception:
+        call = internals.record_c_call(kernel, list(arguments((*probe, probe[0].shape[0]))))
+        if call is None:
             return None
-        finally:
-            wrapper.update(bindings)
-        if len(calls) != 1:
-            return None
-        binding, args = calls[0]
+        binding, args = call
         plan = _argument_plan(probe, args)
         if plan is None or len(plan) > 32 or len(probe) not in plan:
             return None
-        try:
-            library = ctypes.CDLL(binding.__self__.__file__)
-            address = ctypes.cast(getattr(library, binding.__name__), ctypes.c_void_p).value
-        except (OSError, AttributeError):
-            return None
-        if address is None:
+        c_kernel = internals.c_kernel(binding)
+        # The loop passes each tensor's address and the length as 64-bit words: the declaration must agree.
+        if c_kernel is None or c_kernel.pointers != tuple(source != len(probe) for source in plan):
             return None
         element_bytes = np.array(
             [probe[source].element_size() if source < len(probe) and source != 2 else 0 for source in plan],
             dtype=np.int64,
         )
-        rows = _RowKernel(function, address, tuple(plan), plan.index(len(probe)), element_bytes, library)
+        rows = _RowKernel(
+            function, c_kernel.address, tuple(plan), plan.index(len(probe)), element_bytes, c_kernel.library
+        )
         expected, actual = _scratch(inputs), _scratch(inputs)
         param, grad, _, *state = actual
         # Held here: the table only holds the addresses of the rows' grads of their own.
@@ -479,10 +437,13 @@ class CompiledUpdate:
         try:
             self._dynamo(*expected)
             rows.run(table, serial_below=0, threads=SELF_TEST_THREADS)
-        except Exception:
+        except Exception as error:
+            internals.lose("inductor's kernel bindings", f"the loop over rows raised {type(error).__name__}: {error}")
             return None
-        same = all(torch.equal(want, got) for want, got in zip(expected, actual, strict=True))
-        return rows if same else None
+        if not all(torch.equal(want, got) for want, got in zip(expected, actual, strict=True)):
+            internals.lose("inductor's kernel bindings", "the C kernel called by rows did not update as torch.compile")
+            return None
+        return rows
 
 
 def _scratch(inputs: tuple[Any, ...]) -> list[Any]:

@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import torch
 
+from . import torch_internals as internals
 from .compiled import CompiledUpdate, compilation_supported
 from .memory import as_bucket_buffer, bucket_buffer
 
@@ -107,23 +108,6 @@ def _real(tensor: torch.Tensor) -> torch.Tensor:
 def _alias(buffer: torch.Tensor, element_offset: int, like: torch.Tensor) -> torch.Tensor:
     """A view with `like`'s shape and strides on `buffer`'s storage, `element_offset` elements in."""
     return buffer.as_strided(like.shape, like.stride(), buffer.storage_offset() + element_offset)
-
-
-def _storage_users(tensor: torch.Tensor) -> int:
-    return int(torch._C._storage_Use_Count(tensor.untyped_storage()._cdata))
-
-
-# Tensors whose storage nothing else shares count this many users (the tensor and the probe).
-_EXCLUSIVE_USERS = _storage_users(torch.empty(1))
-
-
-def _owns_its_storage(param: torch.Tensor) -> bool:
-    """Whether `param` alone uses its memory, so moving it into a bucket unties nothing."""
-    return (
-        param.storage_offset() == 0
-        and param.untyped_storage().nbytes() == param.numel() * param.element_size()
-        and _storage_users(param) <= _EXCLUSIVE_USERS
-    )
 
 
 def _can_join_bucket(param: torch.Tensor) -> bool:
@@ -293,7 +277,7 @@ class BucketedExecution:
         by_place: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         leftovers = []
         for param in group["params"]:
-            if _can_join_bucket(param) and (param in homed or _owns_its_storage(param)):
+            if _can_join_bucket(param) and (param in homed or internals.owns_its_storage(param)):
                 by_place.setdefault((param.device, param.dtype), []).append(param)
             else:
                 leftovers.append(param)
@@ -329,7 +313,7 @@ class BucketedExecution:
         elements = 2 if flat_param.is_complex() else 1
         flat_grad = bucket_buffer(flat_param.numel(), flat_param.dtype, flat_param.device).zero_()
         param_views = [_alias(flat_param, offset, param) for param, offset in zip(params, offsets, strict=False)]
-        torch._foreach_copy_(param_views, [param.detach() for param in params])
+        internals.foreach_copy_(param_views, [param.detach() for param in params])
         grad_views = [_alias(flat_grad, offset, param) for param, offset in zip(params, offsets, strict=False)]
         state_views = [
             {key: _alias(buffer, offset * elements, _real(param)) for key, buffer in state_buffers.items()}
@@ -474,7 +458,7 @@ class BucketedExecution:
             for state in states[first:last]:
                 state["step"] = step + 1
             # The kernels wrote the buffers, not the params: tell autograd, as torch.optim's in-place ops do.
-            _increment_versions(params[first:last])
+            internals.increment_versions(params[first:last])
 
     def _take_foreign_grads(self, bucket: Bucket, grads: list[torch.Tensor | None]) -> dict[int, torch.Tensor]:
         """Grads that are not the bucket's views: large ones are read where they lie (returned, by param
@@ -499,7 +483,7 @@ class BucketedExecution:
                 sources.append(grad)
         if targets:
             try:
-                torch._foreach_copy_(targets, sources)
+                internals.foreach_copy_(targets, sources)
             except RuntimeError:
                 self.optimizer._params_with_grad(bucket.params)  # says so if it is because a grad is sparse
                 raise
@@ -570,7 +554,8 @@ class BucketedExecution:
             return bucket.compiled
         if not compilation_supported():
             bucket.compile_failed = True
-            _warn_once("unsupported", "adaptopt: torch.compile is not supported here; running buckets eagerly")
+            if not internals.dynamo_supported():  # Otherwise an internal is missing, and it has said so.
+                _warn_once("unsupported", "adaptopt: torch.compile is not supported here; running buckets eagerly")
             return None
         if sum(compiled is not None for compiled in self._compiled.values()) >= COMPILED_VARIANTS:
             _warn_once(
@@ -710,14 +695,6 @@ def _constants_key(group: Group, bucket: Bucket, scalars: Scalars) -> Hashable |
     except TypeError:
         return None
     return key
-
-
-def _increment_versions(params: list[torch.Tensor]) -> None:
-    try:
-        torch.autograd.graph.increment_version(params)
-    except TypeError:  # A torch that takes one tensor at a time.
-        for param in params:
-            torch.autograd.graph.increment_version(param)
 
 
 def _zero_in_place(grad: torch.Tensor) -> None:

@@ -1,0 +1,210 @@
+"""Each private torch internal adaptopt uses, removed or broken in turn, costs speed and one warning, nothing else.
+
+`adaptopt.torch_internals` is the one module that touches them. Here each is taken away (as adaptopt sees it:
+a name that a future torch renames is simply not found) or made to misbehave (a real patch of torch where
+that is possible), and then every execution path must still equal the reference loop, with exactly one
+warning, naming that internal. A fresh process shows that `import adaptopt` looks none of them up.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from adaptopt import compiled, execution
+from adaptopt import torch_internals as internals
+from adaptopt.execution import buckets
+from test_execution import assert_same, reference, train
+
+Breaker = Callable[[pytest.MonkeyPatch], None]
+
+
+def hidden(name: str) -> Breaker:
+    """`name` is not found, as when a torch release renames or removes it."""
+
+    def hide(monkeypatch: pytest.MonkeyPatch) -> None:
+        real = internals._resolve
+
+        def resolve(path: str) -> Any:
+            if path == name:
+                raise AttributeError(f"module has no attribute {path.rsplit('.', 1)[1]!r} (hidden by the test)")
+            return real(path)
+
+        monkeypatch.setattr(internals, "_resolve", resolve)
+
+    return hide
+
+
+def miscounting_storage_users(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A use count that no longer counts views: trusting it would move params whose memory others share.
+    monkeypatch.setattr(torch._C, "_storage_Use_Count", lambda cdata: 1)
+
+
+def removed_current_callable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(internals, "_CURRENT_CALLABLE", "current_callable_renamed")
+
+
+def no_c_bindings(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As if inductor's wrapper reached its kernels some other way than through bindings in its globals.
+    monkeypatch.setattr(internals, "_is_cpp_binding", lambda value: False)
+
+
+def kernel_taking_a_32_bit_length(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A kernel whose length is an int32: the loop over rows, passing 64-bit words, must not call it.
+    real = internals._kernel_source
+    monkeypatch.setattr(internals, "_kernel_source", lambda path: real(path).replace("const int64_t", "const int32_t"))
+
+
+def kernel_source_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing(path: Any) -> str:
+        raise FileNotFoundError(f"no source beside {path}")
+
+    monkeypatch.setattr(internals, "_kernel_source", missing)
+
+
+CASES: list[tuple[str, str, Breaker]] = [
+    *[(name, "removed", hidden(name)) for name in internals.INTERNALS if name.startswith("torch.")],
+    ("torch._C._storage_Use_Count", "miscounting", miscounting_storage_users),
+    ("CompiledFxGraph.current_callable", "removed", removed_current_callable),
+    ("inductor's kernel bindings", "removed", no_c_bindings),
+    ("inductor's kernel signature", "changed", kernel_taking_a_32_bit_length),
+    ("inductor's kernel signature", "source missing", kernel_source_missing),
+]
+
+
+def test_every_internal_has_a_case() -> None:
+    assert {name for name, _, _ in CASES} == set(internals.INTERNALS)
+
+
+@pytest.mark.parametrize(("name", "how", "breaker"), CASES, ids=[f"{name}-{how}" for name, how, _ in CASES])
+def test_a_missing_or_broken_internal_costs_one_warning_and_no_result(
+    name: str, how: str, breaker: Breaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    internals.reset()
+    monkeypatch.setattr(compiled, "_row_caller", None)
+    monkeypatch.setattr(execution, "_warned", set())
+    # So that auto compiles within the run: after the first two steps' work.
+    monkeypatch.setattr(execution, "AUTO_COMPILE_WORK", 2 * 62)
+    breaker(monkeypatch)
+    expected = {options: reference("adam", dict(options)) for options in ((), (("amsgrad", True),))}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runs = {
+            (path, options): train("adam", dict(options), path)
+            for path in ("bucketed", "compiled", "auto")
+            for options in expected
+        }
+    for (path, options), actual in runs.items():
+        # Bucketed runs the reference's own ops: bitwise. Compiled may contract into FMAs (see test_execution).
+        assert_same(expected[options], actual, exact=path == "bucketed")
+        if name != "torch._C._storage_Use_Count":
+            assert list(buckets(actual[1])), (path, options)  # Only the storage count keeps params out.
+    messages = [str(warning.message) for warning in caught if str(warning.message).startswith("adaptopt")]
+    assert len(messages) == 1, messages
+    assert messages[0].startswith(f"adaptopt: {name} is not usable in torch {torch.__version__}")
+    assert internals.INTERNALS[name] in messages[0]
+
+
+def test_compiled_updates_take_the_public_way_when_inductor_cannot_be_reached(monkeypatch: pytest.MonkeyPatch) -> None:
+    internals.reset()
+    hidden("torch._inductor.compile_fx.compile_fx_inner")(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, optimizer = train("adam", {}, "compiled")
+    (bucket,) = buckets(optimizer)
+    assert bucket.compiled is not None and not bucket.compile_failed
+    assert not bucket.compiled.direct and not bucket.compiled.calls_rows
+
+
+def test_rows_are_called_only_through_a_declaration_that_was_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    internals.reset()
+    monkeypatch.setattr(compiled, "_row_caller", None)
+    read: list[str] = []
+    real = internals._kernel_source
+
+    def reading(path: Any) -> str:
+        source = real(path)
+        read.append(source)
+        return source
+
+    monkeypatch.setattr(internals, "_kernel_source", reading)
+    _, optimizer = train("adam", {}, "compiled")
+    (bucket,) = buckets(optimizer)
+    assert bucket.compiled is not None and bucket.compiled.calls_rows
+    assert len(read) == 1 and 'extern "C"' in read[0]
+
+
+@pytest.mark.parametrize(
+    ("declaration", "pointers"),
+    [
+        ("const float* in_ptr0, double* out_ptr0, const int64_t ks0", (True, True, False)),
+        ("const c10::BFloat16* in_ptr0,\n  c10::BFloat16 * out_ptr1, int64_t ks0", (True, True, False)),
+        ("const float* in_ptr0, const float scale", None),
+        ("const float* in_ptr0, const int32_t ks0", None),
+        ("const float* in_ptr0, std::vector<float> values", None),
+    ],
+)
+def test_kernel_declarations_are_read_not_guessed(
+    declaration: str, pointers: tuple[bool, ...] | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A real inductor library, read through a declaration that the test writes.
+    internals.reset()
+    kernels: list[Any] = []
+    monkeypatch.setattr(internals, "record_c_call", lambda kernel, arguments: kernels.append(kernel))
+    train("adam", {}, "compiled", steps=2)
+    binding = _first_binding(kernels[0])
+    monkeypatch.setattr(
+        internals, "_kernel_source", lambda path: f'extern "C" void {binding.__name__}({declaration})\n{{\n}}\n'
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kernel = internals.c_kernel(binding)
+    if pointers is None:
+        assert kernel is None and len(caught) == 1 and "inductor's kernel signature" in str(caught[0].message)
+    else:
+        assert kernel is not None and kernel.pointers == pointers and not caught
+
+
+def _first_binding(kernel: Any) -> Any:
+    wrapper = getattr(kernel, "__func__", kernel).__globals__
+    return next(value for value in wrapper.values() if internals._is_cpp_binding(value))
+
+
+def test_import_looks_up_no_internal_and_steps_without_any() -> None:
+    # A fresh process with every internal that torch can lose without breaking itself deleted before adaptopt
+    # is imported: the import looks none of them up, and a step still equals the reference loop.
+    script = textwrap.dedent(
+        """
+        import warnings
+        import torch
+        import torch._dynamo.eval_frame
+        del torch._C._storage_Use_Count, torch._foreach_copy_, torch._dynamo.eval_frame.is_dynamo_supported
+        import adaptopt
+        from adaptopt import torch_internals
+        assert torch_internals.looked_up == [], torch_internals.looked_up
+        runs = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for execution in ("reference", "auto"):
+                torch.manual_seed(0)
+                model = torch.nn.Linear(4, 3).double()
+                optimizer = adaptopt.Adam(model.parameters(), lr=0.1, execution=execution)
+                for step in range(3):
+                    optimizer.zero_grad()
+                    model(torch.ones(2, 4, dtype=torch.float64) * step).pow(2).sum().backward()
+                    optimizer.step()
+                runs.append([param.detach().clone() for param in model.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(*runs)), runs
+        print(sorted(str(warning.message).split(" is not usable")[0] for warning in caught))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['adaptopt: torch._C._storage_Use_Count']"
