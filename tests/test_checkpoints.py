@@ -75,7 +75,8 @@ def test_resume_is_bitwise_identical_to_never_stopping(name: str, variant: str) 
         assert all(s["master_weight"].dtype == torch.float32 for s in fresh.state.values())
 
 
-# torch.optim optimizer and the adaptopt optimizer that computes the same thing (DESIGN.md §3).
+# torch.optim optimizer and the adaptopt optimizer that computes the same thing (docs/drop-in.md, section
+# "Checkpoints", "Interop, both ways").
 Factory = Callable[[Any], torch.optim.Optimizer]
 TORCH_TWINS: dict[str, tuple[Factory, Factory]] = {
     "Adam": (

@@ -26,6 +26,21 @@ def test_adam_goes_to_the_worst_point_and_amsgrad_to_the_optimum() -> None:
     assert amsgrad < -0.8
 
 
+def test_online_iterates_are_projected_onto_the_interval() -> None:
+    """Every step is projected back onto [-1, 1], and an iterate on the boundary stays exactly there.
+
+    SGD's first step from 0 is -alpha * 1010 = -505 and its second +alpha / sqrt(2) * 10 ~ +3.5 from -1, so
+    unprojected it would leave the interval at once; projected it lands on -1.0, then +1.0, where the small
+    gradients keep pushing it. Adam's momentum of the first large gradient would carry it past -1 within five
+    steps; projected, it sits at exactly -1.0 for more than one step.
+    """
+    assert -synthetic.ONLINE_ALPHA * synthetic.ONLINE_LARGE < -1.0
+    assert synthetic.online_counterexample("sgd", 3) == [-1.0, 1.0, 1.0]
+    adam = synthetic.online_counterexample("adam", synthetic.ONLINE_PERIOD)
+    assert min(adam) == -1.0
+    assert adam.count(-1.0) > 1
+
+
 def test_sophia_reaches_the_rosenbrock_minimum_with_its_gauss_newton_estimate() -> None:
     path, losses = synthetic.rosenbrock("sophia")
     x, y = path[-1]
@@ -40,7 +55,18 @@ def test_cli_synthetic_writes_plots_and_summary(tmp_path: Path, capsys: pytest.C
     assert list(summary["online_counterexample"]) == names
     assert list(summary["rosenbrock"]) == names
     for name in names:
-        assert -1.0 <= summary["online_counterexample"][name]["last_period_mean_x"] <= 1.0
+        # The summary holds exactly what the two problems give for the same number of steps.
+        iterates = synthetic.online_counterexample(name, 202)
+        assert summary["online_counterexample"][name] == {
+            "steps": 202,
+            "last_period_mean_x": synthetic.last_period_mean(iterates),
+        }, name
+        path, losses = synthetic.rosenbrock(name, 202)
+        assert summary["rosenbrock"][name] == {
+            "steps": 202,
+            "final_point": list(path[-1]),
+            "final_loss": losses[-1],
+        }, name
         # Every optimizer stays finite on Rosenbrock with the defaults chosen for it.
         assert math.isfinite(summary["rosenbrock"][name]["final_loss"]), name
     for plot in ("online_counterexample.png", "rosenbrock.png"):

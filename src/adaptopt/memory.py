@@ -1,10 +1,9 @@
 """Buffers for buckets, on transparent huge pages where the CPU and the kernel allow it.
 
 A step streams every buffer of a bucket once. With 4 KiB pages that is a TLB miss every 4 KiB of each
-stream, and the hardware prefetchers stop at every page boundary; a 2 MiB huge page removes both. On the
-2-core machine of DESIGN.md §2, in one process against the same buckets on torch's allocator, huge pages made
-the compiled step of 4 tensors of 4M 3% to 5% faster (Adam 0.92x to 0.88x of torch's fused Adam, AMSGrad
-1.15x to 1.10x).
+stream, and the hardware prefetchers stop at every page boundary; a 2 MiB huge page removes both, which
+makes the memory-bound compiled step of large buckets a few percent faster (the figures, measured against
+the same buckets on torch's allocator, are in docs/performance.md, section "Buckets").
 
 Linux gives an anonymous mapping huge pages either always or only where `madvise(MADV_HUGEPAGE)` asks for them
 (`/sys/kernel/mm/transparent_hugepage/enabled`; many distributions default to the latter). torch's own
