@@ -340,8 +340,10 @@ def test_add_param_group_several_dtypes_and_layouts(path: str) -> None:
     expected, actual = run("reference"), run(path)
     # float32 params do not make the bucketed comparison weaker: both paths run the same float32 ops. Compiled,
     # the float32 param's last-bit FMA differences (6e-8) reach the float64 params' grads through the loss
-    # (with weight 1e-3): 1e-9 for those, the float64 update itself staying within 1e-12 everywhere else.
-    assert_same(expected, actual, exact=path == "bucketed", float64_tolerance=1e-9)
+    # (with weight 1e-3), and from there their moments: measured 2e-11 with torch 2.13's inductor and 1.4e-9
+    # with torch 2.7's (the floor), which contracts other operations; the float64 update itself stays within
+    # 1e-12 everywhere else.
+    assert_same(expected, actual, exact=path == "bucketed", float64_tolerance=3e-9)
     model, optimizer = actual
     body = model.body
     assert len(list(buckets(optimizer))) == 3  # float64 in group 0; complex128 and float32 in group 1
