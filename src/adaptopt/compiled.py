@@ -14,8 +14,8 @@ being `None` selects a branch), dtype and device. Two things make one compilatio
   kernels in single precision.
 
 The first call goes through dynamo, which traces `_update`, and inductor, which compiles the graph. A later call
-through `torch.compile` costs dynamo's guards and AOTAutograd's runtime wrappers: 8 µs warm and 30 µs on the
-first call after a backward pass (cold caches), as much as the whole update of MNIST's small params. Neither
+through `torch.compile` costs dynamo's guards and AOTAutograd's runtime wrappers, as much as the whole update
+of MNIST's small params (docs/performance.md, "Compiled", has the figures). Neither
 has anything to do here. The guards would re-check what the caller already keys compiled updates by (every
 constant the trace could see) and what it always passes (contiguous, non-overlapping flat tensors of the traced
 dtype and device, at least 2 long). The wrappers manage autograd, aliasing and mutations that the graph does
@@ -30,7 +30,7 @@ one C function with pointers and the length; `_learn_rows` finds that function (
 call on scratch inputs) and `call_rows` calls it from a small C loop, once per *row* of a table of
 addresses: a row per param, its grad wherever autograd left it. Inductor compiles the kernel single-threaded
 for it, and the loop splits the elements of all rows evenly among the threads, in one parallel region: a
-call per thread and row it meets, not a parallel region per row (which cost 10% more at 200 rows of 10k).
+call per thread and row it meets, not a parallel region per row (which costs more: docs/performance.md).
 So 200 params with new grads cost one call from Python and no copy; a segment is a table of one row. The
 rows too are used only after they have updated scratch rows bitwise as the `torch.compile` path updates the
 whole (otherwise the update is compiled anew, parallel, and called from Python), and only on 64-bit x86 and
@@ -309,9 +309,9 @@ class CompiledUpdate:
 
         On the CPU it is the same tensor every step, rewritten in place through numpy: the calls that read
         it have returned before the next step writes it, and one torch op fewer per step is worth having
-        when the whole step of a small model takes 0.3 ms. On an accelerator the update may still be running
-        asynchronously when the next step comes, so each step gets a new tensor, on that device, so that the
-        compiled graph does not mix devices (not tested here: this machine has no accelerator).
+        when the whole step of a small model takes well under a millisecond. On an accelerator the update may
+        still be running asynchronously when the next step comes, so each step gets a new tensor, on that
+        device, so that the compiled graph does not mix devices (`benchmarks/gpu_check.sh` checks it there).
         """
         values = [scalars[name] for name in self.names]
         if self._packed is None or self._packed_numpy is None:
