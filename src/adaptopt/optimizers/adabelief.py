@@ -101,12 +101,14 @@ class AdaBelief(GenericAdaptiveOptimizer):
             belief = torch.maximum(state["max_exp_avg_var"], exp_avg_var, out=state["max_exp_avg_var"])
         lr, rectifier = scalars["lr"], scalars["rectifier"]
         bias_correction1, bias_correction2_sqrt = scalars["bias_correction1"], scalars["bias_correction2_sqrt"]
+        # The residual's memory is free from here on: the denominator takes it, so that a step allocates one
+        # param-sized temporary, not two (each costs page faults on the CPU's eager paths).
         if not group["rectify"]:
-            denominator = belief.sqrt().div_(bias_correction2_sqrt).add_(eps)
+            denominator = torch.sqrt(belief, out=residual).div_(bias_correction2_sqrt).add_(eps)
             param.addcdiv_(exp_avg, denominator, value=-lr / bias_correction1)
             return
         if rectifier is not None:
-            denominator = belief.sqrt().add_(eps)
+            denominator = torch.sqrt(belief, out=residual).add_(eps)
             step_size = bias_correction2_sqrt * rectifier / bias_correction1
             param.addcdiv_(exp_avg, denominator, value=-step_size * lr)
         elif group["degenerate_to_sgd"]:

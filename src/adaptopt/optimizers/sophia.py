@@ -81,8 +81,11 @@ class Sophia(GenericAdaptiveOptimizer):
         beta1, _ = group["betas"]
         exp_avg = state["exp_avg"]
         exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-        ratio = (exp_avg.abs() / (group["rho"] * (state["hessian"] + group["eps"]))).clamp_(max=1.0)
-        param.addcmul_(exp_avg.sign(), ratio, value=-scalars["lr"])
+        # Two param-sized temporaries, the sign taking the denominator's memory: each costs page faults on the
+        # CPU's eager paths, every step.
+        denominator = (state["hessian"] + group["eps"]).mul_(group["rho"])
+        ratio = exp_avg.abs().div_(denominator).clamp_(max=1.0)
+        param.addcmul_(torch.sign(exp_avg, out=denominator), ratio, value=-scalars["lr"])
 
     @torch.no_grad()
     def update_hessian(self, n_tokens_training_batch: int) -> None:
