@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/step_speed.py                # step times, compile times, memory, one epoch
     .venv/bin/python benchmarks/step_speed.py --no-epoch --repeats 5
+    python3 benchmarks/step_speed.py --device cuda --repeats 5   # steps only; memory and epoch are CPU-only
 
 Three parameter sets: the MNIST CNN's (8 tensors, 431k elements), 200 tensors of 10k, 4 tensors of 4M, all
 fp32. Every contender has its own copy of the same params; grads come from a backward pass (of a loss that
@@ -19,11 +20,17 @@ cheaper and backward dearer, and only the whole iteration shows the sum.
 Peak extra memory during a step is measured in a subprocess with glibc's mmap threshold pinned at 64 KiB,
 so every large temporary is a fresh mapping and the peak resident set (reset before the step through
 /proc/self/clear_refs) sees it; in units of the largest param.
+
+`--device cuda` times the steps on the GPU (each step's start and end after `torch.cuda.synchronize()`);
+the memory and epoch measurements are CPU-only and are skipped there. pytorch_optimizer's contenders are
+left out where it is not installed.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import math
 import os
@@ -34,7 +41,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import pytorch_optimizer
 import torch
 from torch import nn
 
@@ -51,6 +57,11 @@ STEPS_PER_REPEAT = {"MNIST CNN (8 tensors, 431k)": 20, "200 tensors of 10k": 10,
 
 Factory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
+
+def _pytorch_optimizer(name: str, **options: Any) -> Factory:
+    return lambda p: getattr(importlib.import_module("pytorch_optimizer"), name)(p, **options)
+
+
 CONTENDERS: dict[str, Factory] = {
     "torch Adam fused": lambda p: torch.optim.Adam(p, lr=1e-3, fused=True),
     "torch Adam(amsgrad=True) fused": lambda p: torch.optim.Adam(p, lr=1e-3, amsgrad=True, fused=True),
@@ -64,29 +75,39 @@ CONTENDERS: dict[str, Factory] = {
     "ours RAdam": lambda p: adaptopt.RAdam(p),
     "ours AdaBelief": lambda p: adaptopt.AdaBelief(p),
     "ours Sophia": lambda p: adaptopt.Sophia(p),
-    "pytorch_optimizer AdaBelief": lambda p: pytorch_optimizer.AdaBelief(p, rectify=True),
-    "pytorch_optimizer RAdam": lambda p: pytorch_optimizer.RAdam(p),
+    # The steps `execution="auto"` takes before it compiles a bucket (`AUTO_COMPILE_WORK`).
+    "torch Adam(amsgrad=True) foreach": lambda p: torch.optim.Adam(p, lr=1e-3, amsgrad=True, foreach=True),
+    "ours AMSGrad bucketed (eager)": lambda p: adaptopt.AMSGrad(p, execution="bucketed"),
+    "ours RAdam bucketed (eager)": lambda p: adaptopt.RAdam(p, execution="bucketed"),
+    "ours AdaBelief bucketed (eager)": lambda p: adaptopt.AdaBelief(p, execution="bucketed"),
+    "ours Sophia bucketed (eager)": lambda p: adaptopt.Sophia(p, execution="bucketed"),
 }
+if importlib.util.find_spec("pytorch_optimizer") is not None:
+    CONTENDERS["pytorch_optimizer AdaBelief"] = _pytorch_optimizer("AdaBelief", rectify=True)
+    CONTENDERS["pytorch_optimizer RAdam"] = _pytorch_optimizer("RAdam")
 KEEPS_GRADS = {"ours Adam, zero_grad(set_to_none=False)"}
 
 
 class ParamBank(nn.Module):
     """Params of the given shapes and a loss linear in them, so backward hands every param a fresh grad."""
 
-    def __init__(self, shapes: list[tuple[int, ...]]) -> None:
+    def __init__(self, shapes: list[tuple[int, ...]], device: str = "cpu") -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(0)
-        self.weights = nn.ParameterList(nn.Parameter(torch.randn(s, generator=generator) * 0.05) for s in shapes)
-        self.directions = [torch.randn(s, generator=generator) for s in shapes]
+        self.weights = nn.ParameterList(
+            nn.Parameter((torch.randn(s, generator=generator) * 0.05).to(device)) for s in shapes
+        )
+        self.directions = [torch.randn(s, generator=generator).to(device) for s in shapes]
 
     def loss(self) -> torch.Tensor:
         return sum((p * d).sum() for p, d in zip(self.weights, self.directions, strict=True))  # type: ignore[return-value]
 
 
 class Contender:
-    def __init__(self, name: str, shapes: list[tuple[int, ...]]) -> None:
+    def __init__(self, name: str, shapes: list[tuple[int, ...]], device: str = "cpu") -> None:
         self.name = name
-        self.bank = ParamBank(shapes)
+        self.bank = ParamBank(shapes, device)
+        self.synchronize = torch.device(device).type == "cuda"
         self.optimizer = CONTENDERS[name](list(self.bank.weights))
         self.set_to_none = name not in KEEPS_GRADS
         self.times: list[float] = []
@@ -99,10 +120,16 @@ class Contender:
 
     def timed_step(self) -> float:
         """One training iteration; records and returns the time of its `step()` alone."""
+        if self.synchronize:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         self.backward()
+        if self.synchronize:
+            torch.cuda.synchronize()
         stepping = time.perf_counter()
         self.optimizer.step()
+        if self.synchronize:
+            torch.cuda.synchronize()
         done = time.perf_counter()
         self.loop_times.append(done - start)
         return done - stepping
@@ -126,10 +153,10 @@ class Contender:
                 self.timed_step()
 
 
-def measure(repeats: int, case_names: list[str], names: list[str]) -> dict[str, dict[str, Any]]:
+def measure(repeats: int, case_names: list[str], names: list[str], device: str = "cpu") -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
     for case in case_names:
-        contenders = [Contender(name, CASES[case]) for name in names]
+        contenders = [Contender(name, CASES[case], device) for name in names]
         for contender in contenders:
             contender.warm_up()
         for _ in range(repeats):
@@ -263,6 +290,7 @@ def measure_epoch(batches: int, repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu", help="where the params live: cpu (default), cuda, cuda:1, ...")
     parser.add_argument("--cases", nargs="*", default=list(CASES))
     parser.add_argument("--contenders", nargs="*", default=list(CONTENDERS))
     parser.add_argument("--no-steps", action="store_true")
@@ -281,9 +309,17 @@ def main() -> None:
         memory_child(*args.memory_child)
         return
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median step time, ms (ratio to fused)\n")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        where = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
+        if not (args.no_memory and args.no_epoch):
+            print("memory and epoch are measured on the CPU only: skipped with --device", args.device, file=sys.stderr)
+        args.no_memory = args.no_epoch = True
+    else:
+        where = f"{device.type}, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}; median step time, ms (ratio to fused)\n")
     if not args.no_steps:
-        results = measure(args.repeats, args.cases, args.contenders)
+        results = measure(args.repeats, args.cases, args.contenders, args.device)
         print_table(results)
         print("\nThe whole iteration, zero_grad + backward (of a loss linear in the params) + step, same runs:\n")
         print_table(results, key="loop_median_ms")

@@ -681,3 +681,23 @@ def test_auto_compiles_after_enough_eager_work(monkeypatch: pytest.MonkeyPatch) 
     actual = train("adam", {}, "auto", model=model, optimizer=optimizer, steps=10, start=10)
     assert bucket.compiled is not None
     assert_same(expected, actual, exact=False)
+
+
+def test_auto_takes_an_update_compiled_already_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Moving the params rebuilds the bucket, whose eager work starts again at 0; the update compiled for the
+    # old bucket has the same constants and costs nothing more, so the new bucket runs it from its first step.
+    (bucket_size,) = {sum(param.numel() for param in mlp().parameters())}
+    monkeypatch.setattr(execution, "AUTO_COMPILE_WORK", 10 * bucket_size)
+    expected = reference("adam", {})
+    model, optimizer = train("adam", {}, "auto", steps=12)
+    (old,) = buckets(optimizer)
+    assert old.compiled is not None
+    for param in model.parameters():
+        param.data = param.data.clone()
+    compilations = CompiledUpdate.compilations
+    actual = train("adam", {}, "auto", model=model, optimizer=optimizer, steps=1, start=12)
+    (new,) = buckets(optimizer)
+    assert new is not old and new.eager_work == 0 and new.compiled is old.compiled
+    assert CompiledUpdate.compilations == compilations
+    actual = train("adam", {}, "auto", model=model, optimizer=optimizer, steps=STEPS - 13, start=13)
+    assert_same(expected, actual, exact=False)

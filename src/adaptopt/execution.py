@@ -79,8 +79,9 @@ EAGER_CHUNK = 1 << 19
 working set of one call in the last-level cache."""
 
 AUTO_COMPILE_WORK = 1 << 30
-"""Element-updates a bucket does eagerly before `execution="auto"` compiles it (about a second of eager
-work on a desktop CPU; a compilation costs a few): 64 steps of 16M elements, 2500 of MNIST's CNN."""
+"""Element-updates a bucket does eagerly before `execution="auto"` compiles it, so that short runs (and test
+suites) never pay for a compilation: 64 steps of 16M elements, 2500 of MNIST's CNN. An update compiled
+already for the same constants is used at once. docs/performance.md, "The first steps", has the trade-off."""
 
 IN_PLACE_GRAD_NUMEL = 1 << 16
 """A param of at least this many elements whose grad is not the bucket's view (torch's default `zero_grad()`
@@ -537,7 +538,13 @@ class BucketedExecution:
         """The compiled update for this step of `bucket`, made on first use, or None to run eagerly."""
         if self.mode == "bucketed" or bucket.compile_failed:
             return None
-        if self.mode == "auto" and bucket.eager_work < AUTO_COMPILE_WORK:
+        # Early in auto, a compilation would not repay itself yet, unless there is none to pay: the update for
+        # these constants is compiled already (another group, or this one before `.to()` rebuilt its buckets).
+        if (
+            self.mode == "auto"
+            and bucket.eager_work < AUTO_COMPILE_WORK
+            and (not self._compiled or self._compiled.get(_constants_key(group, bucket, scalars)) is None)
+        ):
             return None
         if bucket.compiled is not None and bucket.compiled.fits(group, scalars):
             return bucket.compiled
