@@ -93,19 +93,21 @@ def test_a_missing_or_broken_internal_costs_one_warning_and_no_result(
     # So that auto compiles within the run: after the first two steps' work.
     monkeypatch.setattr(execution, "AUTO_COMPILE_WORK", 2 * 62)
     breaker(monkeypatch)
-    expected = {options: reference("adam", dict(options)) for options in ((), (("amsgrad", True),))}
+    # Adam and AMSGrad, with torch's zero_grad and with set_to_none=False (grads kept, then the bucket's views).
+    variants = [({}, True), ({"amsgrad": True}, True), ({}, False)]
+    expected = [reference("adam", options, set_to_none=set_to_none) for options, set_to_none in variants]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         runs = {
-            (path, options): train("adam", dict(options), path)
+            (path, index): train("adam", options, path, set_to_none=set_to_none)
             for path in ("bucketed", "compiled", "auto")
-            for options in expected
+            for index, (options, set_to_none) in enumerate(variants)
         }
-    for (path, options), actual in runs.items():
+    for (path, index), actual in runs.items():
         # Bucketed runs the reference's own ops: bitwise. Compiled may contract into FMAs (see test_execution).
-        assert_same(expected[options], actual, exact=path == "bucketed")
+        assert_same(expected[index], actual, exact=path == "bucketed")
         if name != "torch._C._storage_Use_Count":
-            assert list(buckets(actual[1])), (path, options)  # Only the storage count keeps params out.
+            assert list(buckets(actual[1])), (path, index)  # Only the storage count keeps params out.
     messages = [str(warning.message) for warning in caught if str(warning.message).startswith("adaptopt")]
     assert len(messages) == 1, messages
     assert messages[0].startswith(f"adaptopt: {name} is not usable in torch {torch.__version__}")

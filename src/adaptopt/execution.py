@@ -614,7 +614,7 @@ class BucketedExecution:
                     elif grad is view:
                         if grad.data_ptr() != bucket.grad_ptrs[index]:
                             bucket.reclaim_grad(index)
-                    elif grad._base is None and grad.grad_fn is None and grad.layout == torch.strided:
+                    elif grad.grad_fn is None and grad.layout == torch.strided and not internals.is_view(grad):
                         param.grad = view
                     else:
                         _zero_in_place(grad)

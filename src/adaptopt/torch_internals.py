@@ -40,6 +40,7 @@ __all__ = [
     "dynamo_supported",
     "foreach_copy_",
     "increment_versions",
+    "is_view",
     "load_c_function",
     "lookup",
     "lose",
@@ -52,6 +53,8 @@ INTERNALS: dict[str, str] = {
     "torch._C._storage_Use_Count": "params are stepped by the reference loop, not in buckets (a bucket must know "
     "that no other tensor shares a param's memory before it moves the param)",
     "torch._foreach_copy_": "grads are copied into buckets one tensor at a time",
+    "torch.Tensor._base": "zero_grad(set_to_none=False) zeroes grads in place instead of handing backward the "
+    "bucket's views of them",
     "torch._dynamo.eval_frame.is_dynamo_supported": "torch.compile is tried without knowing whether this "
     "platform supports it (a failure still runs the buckets eagerly)",
     "torch._dynamo.mark_dynamic": "compiled execution runs the buckets eagerly",
@@ -193,6 +196,13 @@ def foreach_copy_(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> N
         return
     for target, source in zip(targets, sources, strict=True):
         target.copy_(source)
+
+
+def is_view(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a view of another tensor's memory (True where that cannot be told)."""
+    if lookup("torch.Tensor._base") is None:
+        return True
+    return tensor._base is not None
 
 
 _versions_one_at_a_time: list[bool] = []
