@@ -7,8 +7,8 @@
 # PyPI's Linux wheels of torch come with several GB of CUDA libraries (they import and run on the CPU), so each
 # release gets a virtual environment of its own outside the clone, kept between runs and keyed by torch and
 # Python version: $ADAPTOPT_VENV_CACHE (default ~/.cache/adaptopt/venvs)/torch-VERSION-pyX.Y. One that an
-# interrupted run left half-built (no `ready` mark) is built again. This checkout is installed into it
-# (editable) on every run, so a venv shared by several clones tests the one it is run from.
+# interrupted run left half-built (no `ready` mark) is built again. This checkout and its test extras are
+# installed into it (editable) on every run, so a venv shared by several clones tests the one it is run from.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version="${1:?usage: scripts/compat.sh TORCH_VERSION [pytest options]}"
@@ -24,12 +24,12 @@ if [[ ! -f "$venv/ready" ]]; then
     "$venv/bin/python" -m pip install --quiet -e ".[test]"
     touch "$venv/ready"
 fi
-# The test dependencies are there; only this checkout's package is (re)pointed at.
-"$venv/bin/python" -m pip install --quiet --no-deps -e .
+# This checkout, and whatever its test extras gained since the venv was built (quick when nothing did).
+"$venv/bin/python" -m pip install --quiet -e ".[test]"
 installed="$("$venv/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')"
 if [[ "$installed" != "$version" ]]; then
     echo "compat.sh: $venv holds torch $installed, not $version" >&2
     exit 1
 fi
-echo "== torch $version: the whole test suite"
+echo "== torch $version: the test suite"
 "$venv/bin/python" -m pytest -q "$@"
