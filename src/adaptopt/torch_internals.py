@@ -210,7 +210,8 @@ _versions_one_at_a_time: list[bool] = []
 
 def increment_versions(params: list[torch.Tensor]) -> None:
     """Tell autograd that `params` changed in place (as torch.optim's in-place ops do), with the public
-    `torch.autograd.graph.increment_version`, which takes a list since torch 2.5 and one tensor before."""
+    `torch.autograd.graph.increment_version`: a list in one call where torch takes one, else (torch 2.4)
+    one tensor at a time."""
     increment = torch.autograd.graph.increment_version
     if not _versions_one_at_a_time:
         try:
@@ -251,9 +252,6 @@ def mark_dynamic(tensor: torch.Tensor, dim: int) -> bool:
     return True
 
 
-_INDUCTOR_SETTINGS = {"size_asserts": False, "cpp.threads": 1}
-
-
 def inductor_setting_available(setting: str) -> bool:
     """Whether inductor has `setting` (a key of the settings `compile_keeping_kernel` takes)."""
     return available(f"torch._inductor.config.{setting}")
@@ -262,6 +260,10 @@ def inductor_setting_available(setting: str) -> bool:
 def kernel_keeping_available() -> bool:
     """Whether `compile_keeping_kernel` can run at all (else compile with the public `backend="inductor"`)."""
     return all(available(f"torch._inductor.compile_fx.{name}") for name in ("compile_fx", "compile_fx_inner"))
+
+
+_CURRENT_CALLABLE = "current_callable"
+"""The compiled graph's attribute that holds its boxed callable (a name, so that a test can rename it)."""
 
 
 def compile_keeping_kernel(
@@ -298,9 +300,6 @@ def compile_keeping_kernel(
         lose(name, "the compiled graph has no boxed callable of that name")
         return graph, None
     return graph, callable_
-
-
-_CURRENT_CALLABLE = "current_callable"
 
 
 _SINCE = {"torch._functorch.config.enable_autograd_cache": (2, 6)}
