@@ -25,7 +25,20 @@ The base class owns the rest, the same for every optimizer:
 
 Because the base has applied decay and maximize before `step_param` is called, and hands it the step's
 numbers in `scalars`, `step_param` can be run unchanged on any tensor that holds the parameter's elements, a
-single parameter or, for optimizers that declare `elementwise = True`, a contiguous bucket of many.
+single parameter or, for optimizers that declare `kind = "elementwise"`, a contiguous bucket of many.
+
+What an optimizer may assume is declared on its class, never guessed:
+
+* `kind` says on what `step_param` may run (`KINDS`). The default, `"per_param"`, runs it on one whole
+  parameter at a time, the reference loop, which is right for any math; `"elementwise"` lets the execution
+  engine run it on any slice of a bucket. Every optimizer of the family states its kind in its class body
+  (a test checks it), so math that needs a whole tensor is never handed a bucket by accident.
+* `group_state` names per-group state that carries across steps (Schedule-Free's weight sum, say) with its
+  initial value. It lives in the param group, so it travels in `state_dict` and resumes bitwise, and it is
+  not a constant of the compiled update: `begin_group_step(group)` advances it once per step, before any
+  param of the group is stepped, and `step_scalars` hands what `step_param` needs of it over as numbers.
+* Optimizers with a `"train_mode"` entry in `group_state` have modes: `train()` and `eval()` call
+  `switch_mode` on every param with state, and `step()` in eval mode raises `RuntimeError`.
 """
 
 from __future__ import annotations
@@ -42,7 +55,10 @@ from .execution import BucketedExecution
 from .validation import validate_group
 from .weight_decay import WeightDecay, apply_weight_decay
 
-__all__ = ["CommonOptions", "GenericAdaptiveOptimizer", "Group", "ParamsT", "Scalars", "State", "as_real"]
+__all__ = ["KINDS", "CommonOptions", "GenericAdaptiveOptimizer", "Group", "ParamsT", "Scalars", "State", "as_real"]
+
+KINDS = ("per_param", "elementwise")
+"""What `step_param` may be run on: one whole parameter at a time, or any slice of a bucket of parameters."""
 
 ParamsT: TypeAlias = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 State: TypeAlias = dict[str, Any]
@@ -76,8 +92,17 @@ class GenericAdaptiveOptimizer(Optimizer):
     hyper-parameters in `defaults` (including `lr`), and implement `init_state` and `step_param`.
     """
 
-    elementwise: ClassVar[bool] = True
-    """`step_param` only combines tensors elementwise (it may be run on any subset of the elements)."""
+    kind: ClassVar[str] = "per_param"
+    """What `step_param` may run on (`KINDS`): `"elementwise"` only if it combines tensors elementwise, so
+    that it may be run on any subset of the elements. The default assumes nothing."""
+
+    group_state: ClassVar[Mapping[str, Any]] = {}
+    """Per-group state carried across steps, by key, with its initial value (see the module docstring)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.kind not in KINDS:
+            raise TypeError(f"{cls.__name__}.kind must be one of {KINDS}, got {cls.kind!r}")
 
     def __init__(
         self,
@@ -146,6 +171,34 @@ class GenericAdaptiveOptimizer(Optimizer):
         r"""The effective learning rate $\eta_t$ of the current step: base rate times schedule."""
         return float(group["lr"]) * self.lr_factor(group, state["step"] - 1)
 
+    def begin_group_step(self, group: Group) -> None:
+        """Advance the group's `group_state` for the step about to be taken (once per step and group)."""
+
+    def switch_mode(self, state: State, group: Group, param: torch.Tensor, train: bool) -> None:
+        """Move `param` (real, with `state`) to the point the optimizer evaluates in `train` or eval mode."""
+        raise NotImplementedError(f"{type(self).__name__} declares train_mode but does not define switch_mode")
+
+    def train(self, mode: bool = True) -> GenericAdaptiveOptimizer:
+        """Put the params where training takes its grads (for optimizers with modes; otherwise nothing)."""
+        if not isinstance(mode, bool):
+            raise TypeError(f"mode must be a bool, got {type(mode).__name__}")
+        for group in self.param_groups:
+            if "train_mode" not in group or group["train_mode"] == mode:
+                continue
+            for param in group["params"]:
+                state = self.state.get(param)
+                if state:
+                    work = state.get(MASTER_WEIGHT)
+                    self.switch_mode(state, group, as_real(param.data) if work is None else work, mode)
+                    if work is not None:
+                        param.data.copy_(work)
+            group["train_mode"] = mode
+        return self
+
+    def eval(self) -> GenericAdaptiveOptimizer:
+        """Put the params where the model is evaluated (for optimizers with modes; otherwise nothing)."""
+        return self.train(False)
+
     # ----------------------------------------------------------------------------------------------
     # Param groups
 
@@ -157,6 +210,7 @@ class GenericAdaptiveOptimizer(Optimizer):
             param_group = {**param_group, **param_group["weight_decay"].group_defaults()}
         if "state_dtype" in param_group:
             param_group = {**param_group, "state_dtype": storage_dtype_name(param_group["state_dtype"])}
+        param_group = {**deepcopy(dict(self.group_state)), **param_group}
         validate_group({**self.defaults, **param_group})
         super().add_param_group(param_group)
 
@@ -170,6 +224,8 @@ class GenericAdaptiveOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if any(group.get("train_mode") is False for group in self.param_groups):
+            raise RuntimeError(f"{type(self).__name__}.step() was called in eval mode; call optimizer.train() first")
         if self._amp_found_inf():
             return loss
         for group in self.param_groups:
@@ -177,10 +233,11 @@ class GenericAdaptiveOptimizer(Optimizer):
             # copies the entries of its own groups into ours before every step, policies included.
             if isinstance(group.get("weight_decay"), WeightDecay):
                 group.update(group["weight_decay"].group_defaults())
+            self.begin_group_step(group)
             self._step_group(group)
         return loss
 
-    def _params_with_grad(self, params: Group | Iterable[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def params_with_grad(self, params: Group | Iterable[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The `(param, grad)` pairs of a group (or of some params), skipping params without a grad."""
         pairs = []
         for param in params["params"] if isinstance(params, dict) else params:
@@ -195,11 +252,11 @@ class GenericAdaptiveOptimizer(Optimizer):
             pairs.append((param, grad))
         return pairs
 
-    def _state_for(self, group: Group, param: torch.Tensor) -> State:
+    def state_for(self, group: Group, param: torch.Tensor) -> State:
         """The state of `param`, created on first use (as views into its bucket, when it has one)."""
         state: State = self.state[param]
         if not state:
-            self._initialize_state(state, group, param)
+            self.initialize_state(state, group, param)
             if self._buckets is not None:
                 self._buckets.adopt_state(param, state)
         return state
@@ -213,8 +270,8 @@ class GenericAdaptiveOptimizer(Optimizer):
 
     def _step_params(self, group: Group, params: Iterable[torch.Tensor]) -> None:
         """The reference execution: one parameter at a time."""
-        for param, grad in self._params_with_grad(params):
-            state = self._state_for(group, param)
+        for param, grad in self.params_with_grad(params):
+            state = self.state_for(group, param)
             if self._needs_working_copies(group):
                 self._step_through_working_copies(state, group, as_real(grad), as_real(param))
             else:
@@ -223,14 +280,19 @@ class GenericAdaptiveOptimizer(Optimizer):
     def _step_one(self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor) -> None:
         """Bookkeeping shared by every execution path, then the optimizer's own math."""
         state["step"] += 1
-        self._update(state, group, grad, param, self.step_scalars(state, group))
+        self.update(state, group, grad, param, self.step_scalars(state, group))
 
-    def _update(self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor, scalars: Scalars) -> None:
+    def update(self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor, scalars: Scalars) -> None:
         """The tensor part of a step (what the compiled path compiles): maximize, weight decay, the math."""
         if group["maximize"]:
             grad = -grad
         grad = apply_weight_decay(param, grad, group, scalars["lr"])
         self.step_param(state, group, grad, param, scalars)
+
+    def compile_constants(self, group: Group) -> Group:
+        """What the compiled update may bake in: the group without its params, rate and `group_state`."""
+        skipped = ("params", "lr", *self.group_state)
+        return {key: value for key, value in group.items() if key not in skipped}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's `zero_grad`; with `set_to_none=False`, bucketed grads are zeroed in one op per bucket."""
@@ -241,7 +303,7 @@ class GenericAdaptiveOptimizer(Optimizer):
 
     # ----------------------------------------------------------------------------------------------
     # Low precision: fp32 master weights, state stored in another dtype, GradScaler's unscaling.
-    # Every execution path creates state through `_initialize_state`, skips the whole step when
+    # Every execution path creates state through `initialize_state`, skips the whole step when
     # `_amp_found_inf()`, and steps a group for which `_needs_working_copies(group)` holds through
     # `_step_through_working_copies`.
 
@@ -252,7 +314,7 @@ class GenericAdaptiveOptimizer(Optimizer):
         """Whether the math must run on working copies: master weights, a storage dtype, or grads to unscale."""
         return self._stores_in_other_dtype(group) or getattr(self, "grad_scale", None) is not None
 
-    def _initialize_state(self, state: State, group: Group, param: torch.Tensor) -> None:
+    def initialize_state(self, state: State, group: Group, param: torch.Tensor) -> None:
         """Create the state of `param`: the step counter, the master weight if any, then `init_state`.
 
         By default `init_state` sees the param itself, so the state has the param's dtype (torch.optim's
@@ -339,7 +401,7 @@ class GenericAdaptiveOptimizer(Optimizer):
     def _state_template(self, group: Group, param: torch.Tensor) -> State:
         """What `init_state` would create for `param`, on the meta device: names, shapes and dtypes."""
         template: State = {}
-        self._initialize_state(template, group, param.detach().to("meta"))
+        self.initialize_state(template, group, param.detach().to("meta"))
         return template
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

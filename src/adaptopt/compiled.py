@@ -1,8 +1,8 @@
-r"""An optimizer's `_update` compiled by `torch.compile` for flat tensors of any length.
+r"""An optimizer's `update` compiled by `torch.compile` for flat tensors of any length.
 
 `execution.py` steps a bucket in *segments*: stretches of its flat buffers, each with a grad that is either the
 bucket's flat grad buffer or a param's own grad, read where it lies. `CompiledUpdate` is the compiled form of
-the optimizer's one definition of the math (`_update`: maximize, weight decay, `step_param`) for one set of
+the optimizer's one definition of the math (`update`: maximize, weight decay, `step_param`) for one set of
 *constants*: the param group's hyper-parameters, the non-float scalars of `step_scalars` (RAdam's rectifier
 being `None` selects a branch), dtype and device. Two things make one compilation serve a whole training run:
 
@@ -13,7 +13,7 @@ being `None` selects a branch), dtype and device. Two things make one compilatio
   floats used as `value=`/`alpha=` (a recompile every step), and inductor hands floats from `.item()` to its
   kernels in single precision.
 
-The first call goes through dynamo, which traces `_update`, and inductor, which compiles the graph. A later call
+The first call goes through dynamo, which traces `update`, and inductor, which compiles the graph. A later call
 through `torch.compile` costs dynamo's guards and AOTAutograd's runtime wrappers, as much as the whole update
 of MNIST's small params (docs/performance.md, "Compiled", has the figures). Neither
 has anything to do here. The guards would re-check what the caller already keys compiled updates by (every
@@ -53,7 +53,8 @@ import torch
 from . import torch_internals as internals
 
 if TYPE_CHECKING:
-    from .base import GenericAdaptiveOptimizer, Group, Scalars
+    from .base import Group, Scalars
+    from .execution import Steppable
 
 __all__ = ["CompiledUpdate", "compilation_supported"]
 
@@ -200,7 +201,7 @@ def compilation_supported() -> bool:
 
 
 class CompiledUpdate:
-    """`optimizer._update` compiled for one set of constants; call it on any segment of flat tensors.
+    """`optimizer.update` compiled for one set of constants; call it on any segment of flat tensors.
 
     `constants` is the param group as the trace sees it (without `params` and `lr`: the rate only enters
     through the scalars, so a `step_param` that read `group["lr"]` fails to compile instead of baking a stale
@@ -213,7 +214,7 @@ class CompiledUpdate:
 
     def __init__(
         self,
-        optimizer: GenericAdaptiveOptimizer,
+        optimizer: Steppable,
         constants: Group,
         state_keys: Sequence[str],
         scalars: Scalars,
@@ -229,7 +230,7 @@ class CompiledUpdate:
             scalars = dict(fixed)
             for index, name in enumerate(scalar_names):
                 scalars[name] = packed[index]
-            optimizer._update(dict(zip(keys, state, strict=True)), constants, grad, param, scalars)
+            optimizer.update(dict(zip(keys, state, strict=True)), constants, grad, param, scalars)
 
         self._update, self._tag = update, tag
         self._single_threaded = (

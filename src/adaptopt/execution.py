@@ -1,7 +1,7 @@
 r"""Fast execution of an optimizer's one `step_param`: contiguous buckets, eagerly or under `torch.compile`.
 
 The reference path (`execution="reference"`, in `base.py`) loops over parameters. An optimizer whose
-`step_param` is elementwise (`elementwise = True`, all of ours) can instead run it over a *bucket*: all
+`step_param` is elementwise (`kind = "elementwise"`) can instead run it over a *bucket*: all
 params of one (param group, device, dtype) moved into one contiguous buffer, so one call updates many.
 The technique is Megatron's and DeepSpeed's contiguous buffers; gathering copies into a buffer every step
 costs more than it saves, so the buffers are where the data lives:
@@ -50,7 +50,7 @@ import warnings
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import pairwise, repeat
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast
 
 import numpy as np
 import torch
@@ -60,7 +60,7 @@ from .compiled import CompiledUpdate, compilation_supported
 from .memory import as_bucket_buffer, bucket_buffer
 
 if TYPE_CHECKING:
-    from .base import GenericAdaptiveOptimizer, Group, Scalars, State
+    from .base import Group, Scalars, State
 
 __all__ = [
     "AUTO_COMPILE_WORK",
@@ -92,6 +92,27 @@ the bucket. Smaller grads are copied, as one call costs more than their copy."""
 COMPILED_VARIANTS = 8
 """Compiled updates an optimizer may make (one per set of hyper-parameters and branch); past that, say when
 a scheduler changes `betas` every step, the new variants run eagerly."""
+
+
+class Steppable(Protocol):
+    """All the engine knows of an optimizer (`Steppable` provides it): its groups and state,
+    and the few methods through which the base's bookkeeping and the optimizer's math are reached."""
+
+    kind: ClassVar[str]
+    state: Any
+    param_groups: list[Group]
+
+    def initialize_state(self, state: State, group: Group, param: torch.Tensor) -> None: ...
+
+    def state_for(self, group: Group, param: torch.Tensor) -> State: ...
+
+    def params_with_grad(self, params: Iterable[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def step_scalars(self, state: State, group: Group) -> Scalars: ...
+
+    def update(self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor, scalars: Scalars) -> None: ...
+
+    def compile_constants(self, group: Group) -> Group: ...
 
 
 def validate_execution(execution: Any) -> str:
@@ -228,7 +249,7 @@ class Segment:
 class BucketedExecution:
     """The bucketed and compiled paths of one optimizer (see the module docstring)."""
 
-    def __init__(self, optimizer: GenericAdaptiveOptimizer, mode: str) -> None:
+    def __init__(self, optimizer: Steppable, mode: str) -> None:
         self.optimizer = optimizer
         self.mode = mode
         self._records: dict[int, tuple[Group, list[torch.Tensor], int, list[Bucket], list[torch.Tensor]]] = {}
@@ -239,10 +260,10 @@ class BucketedExecution:
         """`optimizer.state`'s dicts at the last step (see `_refresh_states`)."""
 
     @classmethod
-    def for_mode(cls, optimizer: GenericAdaptiveOptimizer, execution: Any) -> BucketedExecution | None:
+    def for_mode(cls, optimizer: Steppable, execution: Any) -> BucketedExecution | None:
         """The engine for `execution`, or None for the reference loop."""
         mode = validate_execution(execution)
-        if mode == "reference" or not type(optimizer).elementwise:
+        if mode == "reference" or type(optimizer).kind != "elementwise":
             return None
         return cls(optimizer, mode)
 
@@ -303,7 +324,7 @@ class BucketedExecution:
         flat_param = bucket_buffer(offsets[-1], params[0].dtype, params[0].device)
         real_shape = _real(flat_param).shape
         fresh: State = {}
-        optimizer._initialize_state(fresh, group, flat_param)
+        optimizer.initialize_state(fresh, group, flat_param)
         created = {key: value for key, value in fresh.items() if key != "step"}
         if not all(
             isinstance(value, torch.Tensor) and value.shape == real_shape and value.is_contiguous()
@@ -371,7 +392,7 @@ class BucketedExecution:
             expected[index] = views[key] if state else None
 
     def adopt_state(self, param: torch.Tensor, state: State) -> None:
-        """Fresh state of a bucketed param (from `_state_for`) moves into the bucket's buffers."""
+        """Fresh state of a bucketed param (from `state_for`) moves into the bucket's buffers."""
         owner = self._owner.get(param)
         if owner is not None:
             bucket, index = owner
@@ -434,7 +455,7 @@ class BucketedExecution:
         if not all(states):
             for index, grad in enumerate(grads):
                 if grad is not None and not states[index]:
-                    self._record_state(bucket, index, optimizer._state_for(group, params[index]))
+                    self._record_state(bucket, index, optimizer.state_for(group, params[index]))
         if pointers is not None or all(map(operator.is_not, grads, repeat(None))):
             steps = list(map(operator.getitem, states, repeat("step")))  # every param has state now
         else:
@@ -486,7 +507,7 @@ class BucketedExecution:
             try:
                 internals.foreach_copy_(targets, sources)
             except RuntimeError:
-                self.optimizer._params_with_grad(bucket.params)  # says so if it is because a grad is sparse
+                self.optimizer.params_with_grad(bucket.params)  # says so if it is because a grad is sparse
                 raise
         return in_place
 
@@ -531,7 +552,7 @@ class BucketedExecution:
                 whole = start == 0 and stop == length
                 state = segment.state if whole else {key: value[start:stop] for key, value in segment.state.items()}
                 param = segment.param if whole else segment.param[start:stop]
-                optimizer._update({"step": step + 1, **state}, group, grad[start:stop], param, scalars)
+                optimizer.update({"step": step + 1, **state}, group, grad[start:stop], param, scalars)
             bucket.eager_work += length
 
     def _compiled_for(self, group: Group, bucket: Bucket, scalars: Scalars) -> CompiledUpdate | None:
@@ -543,12 +564,12 @@ class BucketedExecution:
         if (
             self.mode == "auto"
             and bucket.eager_work < AUTO_COMPILE_WORK
-            and (not self._compiled or self._compiled.get(_constants_key(group, bucket, scalars)) is None)
+            and (not self._compiled or self._compiled.get(self._constants_key(group, bucket, scalars)) is None)
         ):
             return None
         if bucket.compiled is not None and bucket.compiled.fits(group, scalars):
             return bucket.compiled
-        key = _constants_key(group, bucket, scalars)
+        key = self._constants_key(group, bucket, scalars)
         if key is None:
             _warn_once(
                 "unhashable",
@@ -572,7 +593,7 @@ class BucketedExecution:
             )
             self._compiled[key] = None
             return None
-        constants = {key: value for key, value in group.items() if key not in ("params", "lr")}
+        constants = self.optimizer.compile_constants(group)
         tag = f"{id(self):x}_{len(self._compiled)}"
         state_keys = list(bucket.state_buffers)
         compiled = CompiledUpdate(self.optimizer, constants, state_keys, scalars, bucket.flat_param.device, tag)
@@ -581,7 +602,7 @@ class BucketedExecution:
 
     def _compile_failed(self, group: Group, bucket: Bucket, scalars: Scalars, error: Exception) -> None:
         """Record that compiling failed (the bucket runs eagerly from now on) and warn, once per process."""
-        self._compiled[_constants_key(group, bucket, scalars)] = None
+        self._compiled[self._constants_key(group, bucket, scalars)] = None
         bucket.compiled = None
         bucket.compile_failed = True
         # Dynamo wraps what the compiler raised (BackendCompilerFailed): say what that was.
@@ -591,6 +612,24 @@ class BucketedExecution:
         _warn_once(
             "failed", f"adaptopt: torch.compile failed ({type(error).__name__}: {reason}); running buckets eagerly"
         )
+
+    def _constants_key(self, group: Group, bucket: Bucket, scalars: Scalars) -> Hashable | None:
+        """What a compiled update depends on besides its tensors and float scalars; None if it is unhashable."""
+        key = (
+            bucket.flat_param.dtype,
+            bucket.flat_param.device,
+            tuple(bucket.state_buffers),
+            tuple((name, float if isinstance(value, float) else value) for name, value in scalars.items()),
+            tuple(
+                (name, tuple(value) if isinstance(value, list) else value)
+                for name, value in self.optimizer.compile_constants(group).items()
+            ),
+        )
+        try:
+            hash(key)
+        except TypeError:
+            return None
+        return key
 
     # ------------------------------------------------------------------------------------------------
     # zero_grad(set_to_none=False)
@@ -684,26 +723,6 @@ def _same_layout(grad: torch.Tensor, view: torch.Tensor) -> bool:
     )
 
 
-def _constants_key(group: Group, bucket: Bucket, scalars: Scalars) -> Hashable | None:
-    """What a compiled update depends on besides its tensors and float scalars; None if it is unhashable."""
-    key = (
-        bucket.flat_param.dtype,
-        bucket.flat_param.device,
-        tuple(bucket.state_buffers),
-        tuple((name, float if isinstance(value, float) else value) for name, value in scalars.items()),
-        tuple(
-            (name, tuple(value) if isinstance(value, list) else value)
-            for name, value in group.items()
-            if name not in ("params", "lr")
-        ),
-    )
-    try:
-        hash(key)
-    except TypeError:
-        return None
-    return key
-
-
 def _zero_in_place(grad: torch.Tensor) -> None:
     # torch.optim.Optimizer.zero_grad(set_to_none=False)'s treatment of one grad.
     if grad.grad_fn is not None:
@@ -713,7 +732,7 @@ def _zero_in_place(grad: torch.Tensor) -> None:
     grad.zero_()
 
 
-def bucket_of(optimizer: GenericAdaptiveOptimizer, param: torch.Tensor) -> Bucket | None:
+def bucket_of(optimizer: Steppable, param: torch.Tensor) -> Bucket | None:
     """The bucket `param` lives in, if any (for tests and benchmarks)."""
     engine = getattr(optimizer, "_buckets", None)
     if engine is None:
@@ -722,7 +741,7 @@ def bucket_of(optimizer: GenericAdaptiveOptimizer, param: torch.Tensor) -> Bucke
     return None if owner is None else owner[0]
 
 
-def buckets(optimizer: GenericAdaptiveOptimizer) -> Iterable[Bucket]:
+def buckets(optimizer: Steppable) -> Iterable[Bucket]:
     """Every bucket of `optimizer` (for tests and benchmarks)."""
     engine = getattr(optimizer, "_buckets", None)
     if engine is None:

@@ -14,7 +14,20 @@ from typing import Any
 import torch
 
 from .base import ParamsT
-from .optimizers import AdaBelief, Adam, AdamWarmup, AdamWarmupCosineDecay, AMSGrad, Noam, RAdam, Sophia
+from .optimizers import (
+    ADOPT,
+    AdaBelief,
+    Adam,
+    AdamWarmup,
+    AdamWarmupCosineDecay,
+    AdEMAMix,
+    AMSGrad,
+    Lion,
+    Noam,
+    RAdam,
+    ScheduleFreeAdamW,
+    Sophia,
+)
 
 __all__ = ["OptimizerInfo", "available", "create", "describe"]
 
@@ -72,6 +85,25 @@ _REGISTRY: dict[str, OptimizerInfo] = {
             Sophia,
             "clipped Newton-like steps with a Gauss-Newton-Bartlett Hessian estimate",
             "Liu et al., ICLR 2024, arXiv:2305.14342",
+        ),
+        OptimizerInfo("lion", Lion, "steps by the sign of an interpolated momentum", "Chen et al., NeurIPS 2023"),
+        OptimizerInfo(
+            "adopt",
+            ADOPT,
+            "normalises by the previous second moment, then takes momentum",
+            "Taniguchi et al., NeurIPS 2024, arXiv:2411.02853",
+        ),
+        OptimizerInfo(
+            "ademamix",
+            AdEMAMix,
+            "Adam plus a slow EMA of the gradient",
+            "Pagliardini et al., ICLR 2025, arXiv:2409.03137",
+        ),
+        OptimizerInfo(
+            "schedule_free_adamw",
+            ScheduleFreeAdamW,
+            "AdamW without a schedule, evaluated at an average of the iterates",
+            "Defazio et al., NeurIPS 2024, arXiv:2405.15682",
         ),
         OptimizerInfo("sgd", _sgd, "torch.optim.SGD with momentum 0.9 (the baseline)", "Polyak, 1964"),
     )

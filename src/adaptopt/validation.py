@@ -40,11 +40,12 @@ def _non_negative_int(name: str, value: Any) -> None:
     _non_negative(name, value)
 
 
-def _betas(name: str, value: Any) -> None:
+def _betas(name: str, value: Any, arity: int = 2) -> None:
+    what = "a pair (beta1, beta2)" if arity == 2 else "a triple (beta1, beta2, beta3)"
     if not isinstance(value, (tuple, list)):
-        raise TypeError(f"{name} must be a pair (beta1, beta2), got {type(value).__name__} {value!r}")
-    if len(value) != 2:
-        raise ValueError(f"{name} must be a pair (beta1, beta2), got {len(value)} values: {value!r}")
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+    if len(value) != arity:
+        raise ValueError(f"{name} must be {what}, got {len(value)} values: {value!r}")
     for index, beta in enumerate(value):
         _in_range(f"{name}[{index}]", beta, 0.0, 1.0, low_open=False, high_open=True)
 
@@ -52,6 +53,18 @@ def _betas(name: str, value: Any) -> None:
 def _flag(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def _optional_steps(name: str, value: Any) -> None:
+    if value is not None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int or None, got {type(value).__name__} {value!r}")
+        _positive(name, value)
+
+
+def _optional_function(name: str, value: Any) -> None:
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be a function of the step or None, got {type(value).__name__} {value!r}")
 
 
 def _storage_dtype(name: str, value: Any) -> None:
@@ -68,6 +81,14 @@ HYPERPARAMETER_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "weight_decay": _non_negative,
     "rho": _positive,
     "warmup": _non_negative_int,
+    "warmup_steps": _non_negative_int,
+    "r": _non_negative,
+    "weight_lr_power": _non_negative,
+    "weight_decay_at_y": _non_negative,
+    "alpha": _non_negative,
+    "alpha_warmup": _optional_steps,
+    "beta3_warmup": _optional_steps,
+    "clip_lambda": _optional_function,
     "d_model": _positive,
     "total_steps": _positive,
     "n_tokens_training_batch": _positive,
@@ -87,7 +108,9 @@ HYPERPARAMETER_CHECKS: dict[str, Callable[[str, Any], None]] = {
 def validate_group(group: Mapping[str, Any]) -> None:
     """Raise `ValueError`/`TypeError` naming the first hyper-parameter of `group` that is out of range."""
     for name, check in HYPERPARAMETER_CHECKS.items():
-        if name in group:
+        if name == "betas" and "beta3_warmup" in group:  # AdEMAMix's betas include the slow momentum's
+            _betas(name, group[name], arity=3)
+        elif name in group:
             check(name, group[name])
     if "total_steps" in group and "warmup" in group and not group["total_steps"] > group["warmup"]:
         raise ValueError(f"total_steps must be greater than warmup ({group['warmup']!r}), got {group['total_steps']!r}")

@@ -59,6 +59,8 @@ class AdaBelief(GenericAdaptiveOptimizer):
     * `rectify` applies RAdam's rectification; `degenerate_to_sgd` is as in `RAdam`.
     """
 
+    kind = "elementwise"
+
     def __init__(
         self,
         params: ParamsT,

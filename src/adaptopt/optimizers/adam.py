@@ -24,6 +24,7 @@ The functions here are the whole of the math; the schedule optimizers in `warmup
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -34,7 +35,17 @@ from ..base import CommonOptions, GenericAdaptiveOptimizer, Group, ParamsT, Scal
 from ..functional import adam_step, bias_correction
 from ..weight_decay import WeightDecay
 
-__all__ = ["AMSGrad", "Adam", "adam_init_state", "adam_step_param", "adam_step_scalars"]
+__all__ = [
+    "ADAM_DEFAULTS",
+    "AMSGrad",
+    "Adam",
+    "AdamOptions",
+    "adam_arguments",
+    "adam_init_state",
+    "adam_signature",
+    "adam_step_param",
+    "adam_step_scalars",
+]
 
 
 def adam_init_state(optimizer: GenericAdaptiveOptimizer, state: State, group: Group, param: torch.Tensor) -> None:
@@ -87,6 +98,55 @@ def adam_step_param(
     )
 
 
+class AdamOptions(CommonOptions, total=False):
+    """Adam's hyper-parameters after `lr`, shared by every optimizer that runs Adam's math."""
+
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: WeightDecay | float
+    optimized_update: bool
+    amsgrad: bool
+
+
+ADAM_DEFAULTS: dict[str, Any] = {
+    "betas": (0.9, 0.999),
+    "eps": 1e-16,
+    "weight_decay": WeightDecay(),
+    "optimized_update": True,
+    "amsgrad": False,
+}
+"""The defaults of `AdamOptions` (the seed's: `eps=1e-16`, decoupled decay off)."""
+
+
+def adam_arguments(
+    lr: float, options: AdamOptions, *, amsgrad: bool = False, **schedule: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The param-group defaults and the base's options of an Adam-family constructor, from `lr`, its
+    `**options` and its schedule's own arguments; `amsgrad` is the class's default for that flag."""
+    given = dict(options)
+    hyper = {name: given.pop(name, default) for name, default in {**ADAM_DEFAULTS, "amsgrad": amsgrad}.items()}
+    weight_decay = hyper.pop("weight_decay")
+    return {"lr": lr, **hyper, **schedule}, {"weight_decay": weight_decay, **given}
+
+
+def adam_signature(*schedule: inspect.Parameter, amsgrad: bool = False) -> inspect.Signature:
+    """The constructor's signature as `inspect` (and `adaptopt list`, `--set`) should show it: `params`,
+    `lr`, Adam's keyword arguments with their defaults, the schedule's, then the common options."""
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    return inspect.Signature(
+        [
+            inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+            inspect.Parameter("lr", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=1e-3, annotation=float),
+            *(
+                inspect.Parameter(name, keyword, default=default)
+                for name, default in {**ADAM_DEFAULTS, "amsgrad": amsgrad}.items()
+            ),
+            *schedule,
+            inspect.Parameter("options", inspect.Parameter.VAR_KEYWORD),
+        ]
+    )
+
+
 class Adam(GenericAdaptiveOptimizer):
     """Adam; see the module docstring for the update rule.
 
@@ -94,26 +154,19 @@ class Adam(GenericAdaptiveOptimizer):
     * `weight_decay` is a `WeightDecay` policy; a float means *decoupled* decay (AdamW), unlike torch.
     * `optimized_update` chooses where $\\epsilon$ sits (see `functional.adam_step`).
     * `amsgrad` normalises by the running maximum of $v_t$ (see `AMSGrad`).
+
+    Defaults: `ADAM_DEFAULTS`.
     """
 
+    kind = "elementwise"
     init_state = adam_init_state
     step_scalars = adam_step_scalars
     step_param = adam_step_param
+    __signature__ = adam_signature()
 
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float = 1e-3,
-        *,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-16,
-        weight_decay: WeightDecay | float = WeightDecay(),
-        optimized_update: bool = True,
-        amsgrad: bool = False,
-        **options: Unpack[CommonOptions],
-    ) -> None:
-        defaults: dict[str, Any] = dict(lr=lr, betas=betas, eps=eps, optimized_update=optimized_update, amsgrad=amsgrad)
-        super().__init__(params, defaults, weight_decay=weight_decay, **options)
+    def __init__(self, params: ParamsT, lr: float = 1e-3, **options: Unpack[AdamOptions]) -> None:
+        defaults, base_options = adam_arguments(lr, options)
+        super().__init__(params, defaults, **base_options)
 
 
 class AMSGrad(GenericAdaptiveOptimizer):
@@ -123,21 +176,12 @@ class AMSGrad(GenericAdaptiveOptimizer):
     back into Adam, which is handy for comparing the two with one class.
     """
 
+    kind = "elementwise"
     init_state = adam_init_state
     step_scalars = adam_step_scalars
     step_param = adam_step_param
+    __signature__ = adam_signature(amsgrad=True)
 
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float = 1e-3,
-        *,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-16,
-        weight_decay: WeightDecay | float = WeightDecay(),
-        optimized_update: bool = True,
-        amsgrad: bool = True,
-        **options: Unpack[CommonOptions],
-    ) -> None:
-        defaults: dict[str, Any] = dict(lr=lr, betas=betas, eps=eps, optimized_update=optimized_update, amsgrad=amsgrad)
-        super().__init__(params, defaults, weight_decay=weight_decay, **options)
+    def __init__(self, params: ParamsT, lr: float = 1e-3, **options: Unpack[AdamOptions]) -> None:
+        defaults, base_options = adam_arguments(lr, options, amsgrad=True)
+        super().__init__(params, defaults, **base_options)

@@ -44,6 +44,8 @@ class RAdam(GenericAdaptiveOptimizer):
     * `degenerate_to_sgd`: while $\\rho_t \\le 5$, take a momentum-SGD step (True) or no step (False).
     """
 
+    kind = "elementwise"
+
     init_state = adam_init_state
 
     def __init__(

@@ -59,6 +59,8 @@ class Sophia(GenericAdaptiveOptimizer):
     * `weight_decay` is as in `Adam` (the official default is decoupled 0.1; ours is 0).
     """
 
+    kind = "elementwise"
+
     def __init__(
         self,
         params: ParamsT,
@@ -96,8 +98,8 @@ class Sophia(GenericAdaptiveOptimizer):
         validate_group({"n_tokens_training_batch": n_tokens_training_batch})
         for group in self.param_groups:
             _, beta2 = group["betas"]
-            for param, grad in self._params_with_grad(group):
-                hessian = self._state_for(group, param)["hessian"]
+            for param, grad in self.params_with_grad(group):
+                hessian = self.state_for(group, param)["hessian"]
                 hessian.mul_(beta2).addcmul_(
                     as_real(grad), as_real(grad), value=(1.0 - beta2) * n_tokens_training_batch
                 )

@@ -14,42 +14,33 @@ $\eta_t$ too. Each class equals `Adam` driven by `torch.optim.lr_scheduler.Lambd
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
 
 from typing_extensions import Unpack
 
 from .. import schedules
-from ..base import CommonOptions, GenericAdaptiveOptimizer, Group, ParamsT
-from ..weight_decay import WeightDecay
-from .adam import adam_init_state, adam_step_param, adam_step_scalars
+from ..base import GenericAdaptiveOptimizer, Group, ParamsT
+from .adam import AdamOptions, adam_arguments, adam_init_state, adam_signature, adam_step_param, adam_step_scalars
 
 __all__ = ["AdamWarmup", "AdamWarmupCosineDecay", "Noam"]
+
+
+def _keyword(name: str, default: float) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=type(default))
 
 
 class AdamWarmup(GenericAdaptiveOptimizer):
     """Adam with a linear warm-up of the learning rate over `warmup` steps."""
 
+    kind = "elementwise"
     init_state = adam_init_state
     step_scalars = adam_step_scalars
     step_param = adam_step_param
+    __signature__ = adam_signature(_keyword("warmup", 0))
 
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float = 1e-3,
-        *,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-16,
-        weight_decay: WeightDecay | float = WeightDecay(),
-        optimized_update: bool = True,
-        amsgrad: bool = False,
-        warmup: int = 0,
-        **options: Unpack[CommonOptions],
-    ) -> None:
-        defaults: dict[str, Any] = dict(
-            lr=lr, betas=betas, eps=eps, optimized_update=optimized_update, amsgrad=amsgrad, warmup=warmup
-        )
-        super().__init__(params, defaults, weight_decay=weight_decay, **options)
+    def __init__(self, params: ParamsT, lr: float = 1e-3, *, warmup: int = 0, **options: Unpack[AdamOptions]) -> None:
+        defaults, base_options = adam_arguments(lr, options, warmup=warmup)
+        super().__init__(params, defaults, **base_options)
 
     def lr_factor(self, group: Group, k: int) -> float:
         return schedules.linear_warmup(k, warmup=group["warmup"])
@@ -58,34 +49,23 @@ class AdamWarmup(GenericAdaptiveOptimizer):
 class AdamWarmupCosineDecay(GenericAdaptiveOptimizer):
     """Adam with linear warm-up, then cosine decay to 10% of `lr` at `total_steps`."""
 
+    kind = "elementwise"
     init_state = adam_init_state
     step_scalars = adam_step_scalars
     step_param = adam_step_param
+    __signature__ = adam_signature(_keyword("warmup", 0), _keyword("total_steps", 1e10))
 
     def __init__(
         self,
         params: ParamsT,
         lr: float = 1e-3,
         *,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-16,
-        weight_decay: WeightDecay | float = WeightDecay(),
-        optimized_update: bool = True,
-        amsgrad: bool = False,
         warmup: int = 0,
         total_steps: float = 1e10,
-        **options: Unpack[CommonOptions],
+        **options: Unpack[AdamOptions],
     ) -> None:
-        defaults: dict[str, Any] = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            optimized_update=optimized_update,
-            amsgrad=amsgrad,
-            warmup=warmup,
-            total_steps=total_steps,
-        )
-        super().__init__(params, defaults, weight_decay=weight_decay, **options)
+        defaults, base_options = adam_arguments(lr, options, warmup=warmup, total_steps=total_steps)
+        super().__init__(params, defaults, **base_options)
 
     def lr_factor(self, group: Group, k: int) -> float:
         return schedules.warmup_cosine_decay(k, warmup=group["warmup"], total_steps=group["total_steps"])
@@ -98,34 +78,17 @@ class Noam(GenericAdaptiveOptimizer):
     $d_{model}^{-0.5} w^{-0.5}$ (7e-4 for $d_{model} = 512$, $w = 4000$).
     """
 
+    kind = "elementwise"
     init_state = adam_init_state
     step_scalars = adam_step_scalars
     step_param = adam_step_param
+    __signature__ = adam_signature(_keyword("warmup", 0), _keyword("d_model", 512))
 
     def __init__(
-        self,
-        params: ParamsT,
-        lr: float = 1e-3,
-        *,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-16,
-        weight_decay: WeightDecay | float = WeightDecay(),
-        optimized_update: bool = True,
-        amsgrad: bool = False,
-        warmup: int = 0,
-        d_model: int = 512,
-        **options: Unpack[CommonOptions],
+        self, params: ParamsT, lr: float = 1e-3, *, warmup: int = 0, d_model: int = 512, **options: Unpack[AdamOptions]
     ) -> None:
-        defaults: dict[str, Any] = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            optimized_update=optimized_update,
-            amsgrad=amsgrad,
-            warmup=warmup,
-            d_model=d_model,
-        )
-        super().__init__(params, defaults, weight_decay=weight_decay, **options)
+        defaults, base_options = adam_arguments(lr, options, warmup=warmup, d_model=d_model)
+        super().__init__(params, defaults, **base_options)
 
     def lr_factor(self, group: Group, k: int) -> float:
         return schedules.noam(k, warmup=group["warmup"], d_model=group["d_model"])

@@ -1,0 +1,215 @@
+"""The family beyond the seed, each against its official code, on every execution path.
+
+Every case is float64, `conftest.STEPS` (60) steps, every param after every step, at 1e-10 relative unless a
+reason is written beside a looser bound, on the MLP and on Rosenbrock (`conftest.py`), run with each of
+`execution="reference"`, `"bucketed"`, `"compiled"` (the MLP only: a compilation costs seconds) and
+`"auto"`. The references:
+
+* `lion_pytorch.Lion` 0.2.5 (lucidrains), the official Lion;
+* `schedulefree.AdamWScheduleFree` 1.4.1 (Meta), foreach and loop, in train and eval mode;
+* `reference_family.ADOPT` and `reference_family.AdEMAMix`, float64 loops written from the authors' code
+  (not on PyPI), with the commits they follow named there; pytorch_optimizer's versions are compared in
+  `test_pytorch_optimizer_differences`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lion_pytorch
+import pytest
+import schedulefree
+import torch
+
+import reference_family as ref
+from adaptopt import ADOPT, AdEMAMix, Lion, ScheduleFreeAdamW, WeightDecay
+from conftest import STEPS, Problem, ReferenceRun, TorchRun
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+EXECUTIONS = ["reference", "bucketed", "compiled", "auto"]
+
+Factory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+
+
+def runs(problem: Problem, execution: str) -> None:
+    if execution == "compiled" and problem.name != "mlp":
+        pytest.skip("compiled on the MLP only: one compilation per case is what it costs")
+
+
+# --------------------------------------------------------------------------------------------------
+# Lion against lion-pytorch
+
+LION_CASES: list[tuple[str, dict[str, Any]]] = [
+    ("defaults", {}),
+    ("decay", {"lr": 3e-3, "betas": (0.95, 0.98), "weight_decay": 0.1}),
+    ("decoupled", {"lr": 3e-3, "weight_decay": 0.2, "decoupled_weight_decay": True}),
+]
+
+
+@pytest.mark.parametrize("execution", EXECUTIONS)
+@pytest.mark.parametrize(("case", "options"), LION_CASES, ids=[case for case, _ in LION_CASES])
+def test_lion_equals_lion_pytorch(
+    problem: Problem, execution: str, case: str, options: dict[str, Any], compare_runs: Any
+) -> None:
+    runs(problem, execution)
+    ours = TorchRun(problem, lambda params: Lion(params, execution=execution, **options))
+    theirs = TorchRun(problem, lambda params: lion_pytorch.Lion(params, **options))
+    compare_runs(ours, theirs, reference="lion_pytorch.Lion")
+
+
+def test_lion_schedule_scales_decoupled_decay_by_the_initial_rate(problem: Problem, compare_runs: Any) -> None:
+    # lion-pytorch divides the decay by the *initial* lr: under a schedule the decay follows lr_t / lr_0.
+    options = {"lr": 1e-2, "weight_decay": 0.3, "decoupled_weight_decay": True}
+
+    def halve(optimizer: torch.optim.Optimizer) -> Any:
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.5)
+
+    ours = TorchRun(problem, lambda params: Lion(params, **options), make_scheduler=halve)
+    theirs = TorchRun(problem, lambda params: lion_pytorch.Lion(params, **options), make_scheduler=halve)
+    compare_runs(ours, theirs, reference="lion_pytorch.Lion")
+
+
+# --------------------------------------------------------------------------------------------------
+# Schedule-Free AdamW against schedulefree
+
+SCHEDULE_FREE_CASES: list[tuple[str, dict[str, Any]]] = [
+    ("defaults", {"lr": 0.01}),
+    ("warmup-decay", {"lr": 0.02, "warmup_steps": 7, "weight_decay": 0.05, "betas": (0.8, 0.99)}),
+    ("polynomial", {"lr": 0.01, "r": 0.5, "weight_lr_power": 1.0, "eps": 1e-6, "warmup_steps": 3}),
+]
+
+
+def schedule_free_reference(foreach: bool, options: dict[str, Any]) -> Factory:
+    def make(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        optimizer = schedulefree.AdamWScheduleFree(params, foreach=foreach, **options)
+        optimizer.train()
+        return optimizer
+
+    return make
+
+
+class _CloneGrads(TorchRun):
+    """schedulefree normalises `p.grad` in place; the grads it is handed are its own copies."""
+
+    def _set_grads(self, loss: torch.Tensor) -> None:
+        super()._set_grads(loss)
+        for param in self.params:
+            assert param.grad is not None
+            param.grad = param.grad.clone()
+
+
+@pytest.mark.parametrize("execution", EXECUTIONS)
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+@pytest.mark.parametrize(("case", "options"), SCHEDULE_FREE_CASES, ids=[case for case, _ in SCHEDULE_FREE_CASES])
+def test_schedule_free_equals_schedulefree(
+    problem: Problem, execution: str, foreach: bool, case: str, options: dict[str, Any], compare_runs: Any
+) -> None:
+    runs(problem, execution)
+    ours = TorchRun(problem, lambda params: ScheduleFreeAdamW(params, execution=execution, **options))
+    theirs = _CloneGrads(problem, schedule_free_reference(foreach, options))
+    compare_runs(ours, theirs, reference=f"schedulefree.AdamWScheduleFree(foreach={foreach})")
+
+
+@pytest.mark.parametrize("execution", EXECUTIONS)
+def test_schedule_free_eval_and_train_modes_equal_schedulefree(problem: Problem, execution: str) -> None:
+    runs(problem, execution)
+    options = {"lr": 0.02, "warmup_steps": 4, "weight_decay": 0.01}
+    ours = TorchRun(problem, lambda params: ScheduleFreeAdamW(params, execution=execution, **options))
+    theirs = _CloneGrads(problem, schedule_free_reference(True, options))
+    for step in range(STEPS):
+        ours.advance(step)
+        theirs.advance(step)
+        if step % 10 == 9:
+            # Evaluation at x, then back to y for more training, as a training loop does.
+            ours.optimizer.eval()  # type: ignore[attr-defined]
+            theirs.optimizer.eval()  # type: ignore[attr-defined]
+            assert all(not group["train_mode"] for group in ours.optimizer.param_groups)
+            for mine, other in zip(ours.params, theirs.params, strict=True):
+                torch.testing.assert_close(mine, other, rtol=1e-10, atol=0)
+            with pytest.raises(RuntimeError, match=r"eval mode; call optimizer.train\(\)"):
+                ours.optimizer.step()
+            ours.optimizer.train()  # type: ignore[attr-defined]
+            theirs.optimizer.train()  # type: ignore[attr-defined]
+        for mine, other in zip(ours.params, theirs.params, strict=True):
+            torch.testing.assert_close(mine, other, rtol=1e-10, atol=0)
+    # x differs from y: the eval switch moved something.
+    before = [p.clone() for p in ours.params]
+    ours.optimizer.eval()  # type: ignore[attr-defined]
+    assert any(not torch.equal(p, q) for p, q in zip(before, ours.params, strict=True))
+
+
+def test_schedule_free_group_state_is_not_compiled_in() -> None:
+    # The weight sum changes every step: were it a constant of the compiled update, every step would compile.
+    from adaptopt.compiled import CompiledUpdate
+
+    param = torch.nn.Parameter(torch.linspace(-1, 1, 64, dtype=torch.float64))
+    optimizer = ScheduleFreeAdamW([param], lr=0.01, execution="compiled")
+    for step in range(6):
+        param.grad = torch.cos(param.detach() * (step + 1))
+        optimizer.step()
+        if step == 1:
+            compiled_after_two = CompiledUpdate.compilations
+    assert CompiledUpdate.compilations == compiled_after_two
+    assert optimizer.param_groups[0]["k"] == 6
+
+
+# --------------------------------------------------------------------------------------------------
+# ADOPT and AdEMAMix against float64 loops written from the authors' code
+
+ADOPT_CASES: list[tuple[str, dict[str, Any]]] = [
+    ("defaults", {}),
+    ("coupled-decay", {"lr": 3e-3, "betas": (0.8, 0.99), "weight_decay": 0.1}),
+    ("decoupled-no-clip", {"lr": 3e-3, "weight_decay": 0.1, "decouple": True, "clip_lambda": None, "eps": 1e-4}),
+]
+
+
+@pytest.mark.parametrize("execution", EXECUTIONS)
+@pytest.mark.parametrize(("case", "options"), ADOPT_CASES, ids=[case for case, _ in ADOPT_CASES])
+def test_adopt_equals_authors_code(
+    problem: Problem, execution: str, case: str, options: dict[str, Any], compare_runs: Any
+) -> None:
+    runs(problem, execution)
+    ours = TorchRun(problem, lambda params: ADOPT(params, execution=execution, **options))
+    theirs = ReferenceRun(problem, ref.ADOPT(**options))
+    compare_runs(ours, theirs, reference="reference_family.ADOPT (authors' code)")
+
+
+ADEMAMIX_CASES: list[tuple[str, dict[str, Any]]] = [
+    ("defaults", {}),
+    ("warm-ups", {"lr": 3e-3, "alpha": 5.0, "alpha_warmup": 40, "beta3_warmup": 50, "weight_decay": 0.1}),
+    ("no-fast-momentum", {"lr": 3e-3, "betas": (0.0, 0.99, 0.999), "beta3_warmup": 20}),
+]
+
+
+@pytest.mark.parametrize("execution", EXECUTIONS)
+@pytest.mark.parametrize(("case", "options"), ADEMAMIX_CASES, ids=[case for case, _ in ADEMAMIX_CASES])
+def test_ademamix_equals_authors_code(
+    problem: Problem, execution: str, case: str, options: dict[str, Any], compare_runs: Any
+) -> None:
+    runs(problem, execution)
+    ours = TorchRun(problem, lambda params: AdEMAMix(params, execution=execution, **options))
+    theirs = ReferenceRun(problem, ref.AdEMAMix(**options))
+    compare_runs(ours, theirs, reference="reference_family.AdEMAMix (authors' code)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Weight decay: a float means the reference's decay, a policy the base's
+
+
+def test_a_weight_decay_policy_still_works_for_each() -> None:
+    # Decoupled decay by the policy equals the optimizer without decay on params scaled by (1 - lr w) first.
+    for make in (Lion, ADOPT, AdEMAMix):
+        decayed = torch.linspace(-1, 1, 10, dtype=torch.float64).requires_grad_()
+        plain = decayed.detach().clone().requires_grad_()
+        with_policy = make([decayed], lr=0.01, weight_decay=WeightDecay(0.5))
+        without = make([plain], lr=0.01)
+        for step in range(3):
+            grad = torch.sin(torch.arange(10, dtype=torch.float64) + step)
+            decayed.grad, plain.grad = grad.clone(), grad.clone()
+            with torch.no_grad():
+                plain.mul_(1 - 0.01 * 0.5)
+            with_policy.step()
+            without.step()
+        torch.testing.assert_close(decayed, plain, rtol=1e-13, atol=0)
