@@ -33,9 +33,11 @@ EXECUTIONS = ["reference", "bucketed", "compiled", "auto"]
 Factory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 
 
-def runs(problem: Problem, execution: str) -> None:
-    if execution == "compiled" and problem.name != "mlp":
-        pytest.skip("compiled on the MLP only: one compilation per case is what it costs")
+PATHS = [("mlp", execution) for execution in EXECUTIONS] + [
+    ("rosenbrock", execution) for execution in EXECUTIONS if execution != "compiled"
+]
+"""(problem, execution): compiled on the MLP only, as one compilation per case is what it costs."""
+every_path = pytest.mark.parametrize(("problem", "execution"), PATHS, indirect=["problem"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -48,12 +50,11 @@ LION_CASES: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-@pytest.mark.parametrize("execution", EXECUTIONS)
+@every_path
 @pytest.mark.parametrize(("case", "options"), LION_CASES, ids=[case for case, _ in LION_CASES])
 def test_lion_equals_lion_pytorch(
     problem: Problem, execution: str, case: str, options: dict[str, Any], compare_runs: Any
 ) -> None:
-    runs(problem, execution)
     ours = TorchRun(problem, lambda params: Lion(params, execution=execution, **options))
     theirs = TorchRun(problem, lambda params: lion_pytorch.Lion(params, **options))
     compare_runs(ours, theirs, reference="lion_pytorch.Lion")
@@ -100,21 +101,19 @@ class _CloneGrads(TorchRun):
             param.grad = param.grad.clone()
 
 
-@pytest.mark.parametrize("execution", EXECUTIONS)
+@every_path
 @pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
 @pytest.mark.parametrize(("case", "options"), SCHEDULE_FREE_CASES, ids=[case for case, _ in SCHEDULE_FREE_CASES])
 def test_schedule_free_equals_schedulefree(
     problem: Problem, execution: str, foreach: bool, case: str, options: dict[str, Any], compare_runs: Any
 ) -> None:
-    runs(problem, execution)
     ours = TorchRun(problem, lambda params: ScheduleFreeAdamW(params, execution=execution, **options))
     theirs = _CloneGrads(problem, schedule_free_reference(foreach, options))
     compare_runs(ours, theirs, reference=f"schedulefree.AdamWScheduleFree(foreach={foreach})")
 
 
-@pytest.mark.parametrize("execution", EXECUTIONS)
+@every_path
 def test_schedule_free_eval_and_train_modes_equal_schedulefree(problem: Problem, execution: str) -> None:
-    runs(problem, execution)
     options = {"lr": 0.02, "warmup_steps": 4, "weight_decay": 0.01}
     ours = TorchRun(problem, lambda params: ScheduleFreeAdamW(params, execution=execution, **options))
     theirs = _CloneGrads(problem, schedule_free_reference(True, options))
@@ -165,12 +164,11 @@ ADOPT_CASES: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-@pytest.mark.parametrize("execution", EXECUTIONS)
+@every_path
 @pytest.mark.parametrize(("case", "options"), ADOPT_CASES, ids=[case for case, _ in ADOPT_CASES])
 def test_adopt_equals_authors_code(
     problem: Problem, execution: str, case: str, options: dict[str, Any], compare_runs: Any
 ) -> None:
-    runs(problem, execution)
     ours = TorchRun(problem, lambda params: ADOPT(params, execution=execution, **options))
     theirs = ReferenceRun(problem, ref.ADOPT(**options))
     compare_runs(ours, theirs, reference="reference_family.ADOPT (authors' code)")
@@ -183,12 +181,11 @@ ADEMAMIX_CASES: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-@pytest.mark.parametrize("execution", EXECUTIONS)
+@every_path
 @pytest.mark.parametrize(("case", "options"), ADEMAMIX_CASES, ids=[case for case, _ in ADEMAMIX_CASES])
 def test_ademamix_equals_authors_code(
     problem: Problem, execution: str, case: str, options: dict[str, Any], compare_runs: Any
 ) -> None:
-    runs(problem, execution)
     ours = TorchRun(problem, lambda params: AdEMAMix(params, execution=execution, **options))
     theirs = ReferenceRun(problem, ref.AdEMAMix(**options))
     compare_runs(ours, theirs, reference="reference_family.AdEMAMix (authors' code)")

@@ -85,6 +85,7 @@ HYPERPARAMETER_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "r": _non_negative,
     "weight_lr_power": _non_negative,
     "weight_decay_at_y": _non_negative,
+    "decay_after_first_step": _non_negative,
     "alpha": _non_negative,
     "alpha_warmup": _optional_steps,
     "beta3_warmup": _optional_steps,
