@@ -18,12 +18,15 @@ from collections.abc import Callable
 from typing import Any
 
 import lion_pytorch
+import prodigyopt
 import pytest
 import schedulefree
 import torch
 
 import reference_family as ref
 from adaptopt import ADOPT, AdEMAMix, Lion, ScheduleFreeAdamW, WeightDecay
+from adaptopt.optimizers.lamb import LAMB
+from adaptopt.optimizers.prodigy import Prodigy
 from conftest import STEPS, Problem, ReferenceRun, TorchRun
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -210,3 +213,84 @@ def test_a_weight_decay_policy_still_works_for_each() -> None:
             with_policy.step()
             without.step()
         torch.testing.assert_close(decayed, plain, rtol=1e-13, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Prodigy against prodigyopt, LAMB against a loop written from apex's FusedLAMB
+
+PRODIGY_CASES: list[tuple[str, dict[str, Any]]] = [
+    ("defaults", {}),
+    ("bias-correction-decay", {"use_bias_correction": True, "weight_decay": 0.05, "d0": 1e-4}),
+    ("coupled-safeguard", {"weight_decay": 0.05, "decouple": False, "safeguard_warmup": True, "beta3": 0.99}),
+    ("no-momentum-growth", {"betas": (0.0, 0.99), "growth_rate": 1.05, "d_coef": 0.5, "lr": 0.5}),
+    ("sliced", {"slice_p": 3, "eps": 1e-6}),
+]
+
+
+@every_path
+@pytest.mark.parametrize(("case", "options"), PRODIGY_CASES, ids=[case for case, _ in PRODIGY_CASES])
+def test_prodigy_equals_prodigyopt(
+    problem: Problem, execution: str, case: str, options: dict[str, Any], compare_runs: Any
+) -> None:
+    ours = TorchRun(problem, lambda params: Prodigy(params, execution=execution, **options))
+    theirs = _CloneGrads(problem, lambda params: prodigyopt.Prodigy(params, **options))
+    compare_runs(ours, theirs, reference="prodigyopt.Prodigy")
+    for key in ("d", "d_max", "d_numerator", "d_hat", "k"):
+        mine, other = ours.optimizer.param_groups[0][key], theirs.optimizer.param_groups[0][key]
+        assert mine == pytest.approx(other, rel=1e-10, abs=0), key
+
+
+def test_prodigy_shares_d_across_groups_and_refuses_mixed_rates() -> None:
+    weights = torch.linspace(-1, 1, 12, dtype=torch.float64).reshape(3, 4).requires_grad_()
+    bias = torch.linspace(0.5, 1, 3, dtype=torch.float64).requires_grad_()
+    copies = [weights.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()]
+    ours = Prodigy([{"params": [weights]}, {"params": [bias], "weight_decay": 0.1, "d0": 1e-5}])
+    theirs = prodigyopt.Prodigy([{"params": [copies[0]]}, {"params": [copies[1]], "weight_decay": 0.1, "d0": 1e-5}])
+    for step in range(25):
+        for params in ([weights, bias], copies):
+            params[0].grad = torch.sin(params[0].detach() * 3 + step)
+            params[1].grad = torch.cos(params[1].detach() + step)
+        ours.step()
+        theirs.step()
+    for mine, other in zip([weights, bias], copies, strict=True):
+        torch.testing.assert_close(mine, other, rtol=1e-10, atol=0)
+    assert ours.param_groups[0]["d"] == ours.param_groups[1]["d"]
+    assert ours.param_groups[1]["d"] == pytest.approx(theirs.param_groups[1]["d"], rel=1e-12)
+    ours.param_groups[1]["lr"] = 0.5
+    with pytest.raises(RuntimeError, match="one lr, or lr 0"):
+        ours.step()
+
+
+LAMB_CASES: list[tuple[str, dict[str, Any]]] = [
+    ("defaults", {}),
+    ("clipped-hard", {"lr": 1e-2, "max_grad_norm": 0.05, "betas": (0.8, 0.99)}),
+    ("l2-no-averaging", {"adam_w_mode": False, "grad_averaging": False, "weight_decay": 0.1, "max_grad_norm": None}),
+    ("nvlamb-no-decay-no-correction", {"weight_decay": 0.0, "use_nvlamb": True, "bias_correction": False}),
+    ("adam-where-no-decay", {"weight_decay": 0.0, "max_grad_norm": 2.0}),
+]
+
+
+@every_path
+@pytest.mark.parametrize(("case", "options"), LAMB_CASES, ids=[case for case, _ in LAMB_CASES])
+def test_lamb_equals_apex_algorithm(
+    problem: Problem, execution: str, case: str, options: dict[str, Any], compare_runs: Any
+) -> None:
+    ours = TorchRun(problem, lambda params: LAMB(params, execution=execution, **options))
+    theirs = ReferenceRun(problem, ref.LAMB(**options))
+    compare_runs(ours, theirs, reference="reference_family.LAMB (apex FusedLAMB)")
+
+
+def test_lamb_moves_each_tensor_by_lr_times_its_norm() -> None:
+    params = [
+        torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7)) for shape in [(5, 4), (9,)]
+    ]
+    params = [p.requires_grad_() for p in params]
+    optimizer = LAMB(params, lr=0.01, max_grad_norm=None)
+    for step in range(5):
+        before = [p.detach().clone() for p in params]
+        for param in params:
+            param.grad = torch.cos(param.detach() * (step + 2)) * 10.0 ** (step - 2)
+        optimizer.step()
+        for old, param in zip(before, params, strict=True):
+            moved = torch.linalg.vector_norm(param.detach() - old)
+            assert float(moved) == pytest.approx(0.01 * float(torch.linalg.vector_norm(old)), rel=1e-12)

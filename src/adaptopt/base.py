@@ -37,6 +37,9 @@ What an optimizer may assume is declared on its class, never guessed:
   initial value. It lives in the param group, so it travels in `state_dict` and resumes bitwise, and it is
   not a constant of the compiled update: `begin_group_step(group)` advances it once per step, before any
   param of the group is stepped, and `step_scalars` hands what `step_param` needs of it over as numbers.
+* `reduces` says that a step first needs sums over every param of every group (Prodigy's distance estimate,
+  LAMB's global grad norm): `reduce_param` is run over all of them, `end_reduction` folds the totals into the
+  groups, and only then is any param updated.
 * Optimizers with a `"train_mode"` entry in `group_state` have modes: `train()` and `eval()` call
   `switch_mode` on every param with state, and `step()` in eval mode raises `RuntimeError`.
 """
@@ -97,7 +100,13 @@ class GenericAdaptiveOptimizer(Optimizer):
     that it may be run on any subset of the elements. The default assumes nothing."""
 
     group_state: ClassVar[Mapping[str, Any]] = {}
-    """Per-group state carried across steps, by key, with its initial value (see the module docstring)."""
+    """Per-group state carried across steps, by key, with its initial value (see the module docstring); a key
+    that is also a hyper-parameter in the defaults starts from the default."""
+
+    reduces: ClassVar[bool] = False
+    """Whether a step first needs sums over every param of every group (Prodigy's estimate of the distance
+    to the solution, LAMB's global grad norm): `reduce_param` is then run over all of them, and
+    `end_reduction` gets the totals, before `begin_group_step` and the update of any param."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -171,6 +180,20 @@ class GenericAdaptiveOptimizer(Optimizer):
         r"""The effective learning rate $\eta_t$ of the current step: base rate times schedule."""
         return float(group["lr"]) * self.lr_factor(group, state["step"] - 1)
 
+    def begin_reduction(self) -> None:
+        """Before the first pass (`reduces`): set what `step_scalars` needs for it in the groups."""
+
+    def reduce_param(
+        self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor, scalars: Scalars
+    ) -> dict[str, torch.Tensor]:
+        """The first pass over one param (`reduces`): its contributions to optimizer-wide sums, by name. It may
+        update `state`, never `param`. `grad` has `maximize` applied and no weight decay."""
+        raise NotImplementedError(f"{type(self).__name__} declares reduces but does not define reduce_param")
+
+    def end_reduction(self, totals: dict[str, float]) -> bool:
+        """After the first pass: fold the sums into the groups' `group_state`; False skips the update."""
+        return True
+
     def begin_group_step(self, group: Group) -> None:
         """Advance the group's `group_state` for the step about to be taken (once per step and group)."""
 
@@ -210,7 +233,8 @@ class GenericAdaptiveOptimizer(Optimizer):
             param_group = {**param_group, **param_group["weight_decay"].group_defaults()}
         if "state_dtype" in param_group:
             param_group = {**param_group, "state_dtype": storage_dtype_name(param_group["state_dtype"])}
-        param_group = {**deepcopy(dict(self.group_state)), **param_group}
+        fresh = {key: value for key, value in self.group_state.items() if key not in self.defaults}
+        param_group = {**deepcopy(fresh), **param_group}
         validate_group({**self.defaults, **param_group})
         super().add_param_group(param_group)
 
@@ -228,6 +252,8 @@ class GenericAdaptiveOptimizer(Optimizer):
             raise RuntimeError(f"{type(self).__name__}.step() was called in eval mode; call optimizer.train() first")
         if self._amp_found_inf():
             return loss
+        if type(self).reduces and not self._reduce():
+            return loss
         for group in self.param_groups:
             # A policy put into a group after construction stands for its plain keys: ZeroRedundancyOptimizer
             # copies the entries of its own groups into ours before every step, policies included.
@@ -236,6 +262,31 @@ class GenericAdaptiveOptimizer(Optimizer):
             self.begin_group_step(group)
             self._step_group(group)
         return loss
+
+    def _reduce(self) -> bool:
+        """The optimizer-wide first pass (`reduces`): `reduce_param` over every param with a grad, summed per
+        name in float64 and handed to `end_reduction` as floats (one synchronisation per name)."""
+        self.begin_reduction()
+        totals: dict[str, torch.Tensor] = {}
+
+        def collect(state: State, group: Group, grad: torch.Tensor, param: torch.Tensor) -> None:
+            if group["maximize"]:
+                grad = -grad
+            parts = self.reduce_param(
+                state, group, grad, param, self.step_scalars({**state, "step": state["step"] + 1}, group)
+            )
+            for name, value in parts.items():
+                value = value.detach().to(torch.float64).sum()
+                totals[name] = totals[name] + value.to(totals[name].device) if name in totals else value
+
+        for group in self.param_groups:
+            for param, grad in self.params_with_grad(group):
+                state = self.state_for(group, param)
+                if self._needs_working_copies(group):
+                    self._through_working_copies(collect, state, group, as_real(grad), as_real(param))
+                else:
+                    collect(state, group, as_real(grad), as_real(param))
+        return self.end_reduction({name: float(value) for name, value in totals.items()})
 
     def params_with_grad(self, params: Group | Iterable[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The `(param, grad)` pairs of a group (or of some params), skipping params without a grad."""
@@ -273,7 +324,7 @@ class GenericAdaptiveOptimizer(Optimizer):
         for param, grad in self.params_with_grad(params):
             state = self.state_for(group, param)
             if self._needs_working_copies(group):
-                self._step_through_working_copies(state, group, as_real(grad), as_real(param))
+                self._through_working_copies(self._step_one, state, group, as_real(grad), as_real(param))
             else:
                 self._step_one(state, group, as_real(grad), as_real(param))
 
@@ -305,7 +356,7 @@ class GenericAdaptiveOptimizer(Optimizer):
     # Low precision: fp32 master weights, state stored in another dtype, GradScaler's unscaling.
     # Every execution path creates state through `initialize_state`, skips the whole step when
     # `_amp_found_inf()`, and steps a group for which `_needs_working_copies(group)` holds through
-    # `_step_through_working_copies`.
+    # `_through_working_copies`.
 
     def _stores_in_other_dtype(self, group: Group) -> bool:
         return bool(group["master_weights"]) or group["state_dtype"] is not None
@@ -339,8 +390,15 @@ class GenericAdaptiveOptimizer(Optimizer):
             if key != MASTER_WEIGHT and isinstance(value, torch.Tensor) and value.is_floating_point():
                 state[key] = value.to(storage)
 
-    def _step_through_working_copies(self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor) -> None:
-        """`_step_one` on working copies, whose results are then written back to where they are stored.
+    def _through_working_copies(
+        self,
+        action: Callable[[State, Group, torch.Tensor, torch.Tensor], None],
+        state: State,
+        group: Group,
+        grad: torch.Tensor,
+        param: torch.Tensor,
+    ) -> None:
+        """`action` (`_step_one`, or a first pass) on working copies, whose results are then written back.
 
         The math runs on the master weight (or on the param upcast to fp32) with the grad unscaled and cast
         to its dtype, and on the state upcast from its storage dtype; the state is then rounded back into
@@ -360,7 +418,7 @@ class GenericAdaptiveOptimizer(Optimizer):
         }
         try:
             state.update({key: value.to(work_dtype) for key, value in stored.items()})
-            self._step_one(state, group, work_grad, work_param)
+            action(state, group, work_grad, work_param)
             for key, value in stored.items():
                 value.copy_(state[key])
         finally:
