@@ -52,8 +52,16 @@ CASES: dict[str, list[tuple[int, ...]]] = {
     "MNIST CNN (8 tensors, 431k)": [tuple(p.shape) for p in MnistCnn().parameters()],
     "200 tensors of 10k": [(10_000,)] * 200,
     "4 tensors of 4M": [(4_000_000,)] * 4,
+    "32 matrices of 256x256": [(256, 256)] * 32,
 }
-STEPS_PER_REPEAT = {"MNIST CNN (8 tensors, 431k)": 20, "200 tensors of 10k": 10, "4 tensors of 4M": 3}
+STEPS_PER_REPEAT = {
+    "MNIST CNN (8 tensors, 431k)": 20,
+    "200 tensors of 10k": 10,
+    "4 tensors of 4M": 3,
+    "32 matrices of 256x256": 10,
+}
+DEFAULT_CASES = ["MNIST CNN (8 tensors, 431k)", "200 tensors of 10k", "4 tensors of 4M"]
+"""The cases run without `--cases`; the matrices are for the optimizers that take matrices (Adafactor, Muon)."""
 
 Factory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
@@ -82,9 +90,36 @@ CONTENDERS: dict[str, Factory] = {
     "ours AdaBelief bucketed (eager)": lambda p: adaptopt.AdaBelief(p, execution="bucketed"),
     "ours Sophia bucketed (eager)": lambda p: adaptopt.Sophia(p, execution="bucketed"),
 }
-if importlib.util.find_spec("pytorch_optimizer") is not None:
+
+
+def _schedule_free(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    optimizer = importlib.import_module("schedulefree").AdamWScheduleFree(params, lr=2.5e-3, foreach=True)
+    optimizer.train()
+    return optimizer
+
+
+def _available(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+# The family beyond the seed, each beside its official code where that is installed (the test extras).
+CONTENDERS.update(
+    {
+        "ours Lion": lambda p: adaptopt.Lion(p),
+        "ours ADOPT": lambda p: adaptopt.ADOPT(p),
+        "ours AdEMAMix": lambda p: adaptopt.AdEMAMix(p),
+        "ours ScheduleFreeAdamW": lambda p: adaptopt.ScheduleFreeAdamW(p),
+    }
+)
+if _available("lion_pytorch"):
+    CONTENDERS["lion_pytorch Lion"] = lambda p: importlib.import_module("lion_pytorch").Lion(p)
+if _available("schedulefree"):
+    CONTENDERS["schedulefree AdamWScheduleFree (foreach)"] = _schedule_free
+if _available("pytorch_optimizer"):
     CONTENDERS["pytorch_optimizer AdaBelief"] = _pytorch_optimizer("AdaBelief", rectify=True)
     CONTENDERS["pytorch_optimizer RAdam"] = _pytorch_optimizer("RAdam")
+    CONTENDERS["pytorch_optimizer ADOPT"] = _pytorch_optimizer("ADOPT")
+    CONTENDERS["pytorch_optimizer AdEMAMix"] = _pytorch_optimizer("AdEMAMix", alpha=2.0)
 KEEPS_GRADS = {"ours Adam, zero_grad(set_to_none=False)"}
 
 
@@ -291,7 +326,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu", help="where the params live: cpu (default), cuda, cuda:1, ...")
-    parser.add_argument("--cases", nargs="*", default=list(CASES))
+    parser.add_argument("--cases", nargs="*", default=DEFAULT_CASES, choices=list(CASES))
     parser.add_argument("--contenders", nargs="*", default=list(CONTENDERS))
     parser.add_argument("--no-steps", action="store_true")
     parser.add_argument("--no-memory", action="store_true")

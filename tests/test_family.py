@@ -8,8 +8,12 @@ reason is written beside a looser bound, on the MLP and on Rosenbrock (`conftest
 * `lion_pytorch.Lion` 0.2.5 (lucidrains), the official Lion;
 * `schedulefree.AdamWScheduleFree` 1.4.1 (Meta), foreach and loop, in train and eval mode;
 * `reference_family.ADOPT` and `reference_family.AdEMAMix`, float64 loops written from the authors' code
-  (not on PyPI), with the commits they follow named there; pytorch_optimizer's versions are compared in
-  `test_pytorch_optimizer_differences`.
+  (not on PyPI), with the commits they follow named there;
+* `prodigyopt.Prodigy` 1.1.2, the official Prodigy;
+* `reference_family.LAMB`, a float64 loop written from NVIDIA apex's `FusedLAMB` (CUDA-only).
+
+pytorch_optimizer's ADOPT, AdEMAMix and Lamb differ from the official code; the tests at the end pin down
+exactly how, by matching each to the reference loop switched to its conventions.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 import lion_pytorch
 import prodigyopt
 import pytest
+import pytorch_optimizer
 import schedulefree
 import torch
 
@@ -294,3 +299,58 @@ def test_lamb_moves_each_tensor_by_lr_times_its_norm() -> None:
         for old, param in zip(before, params, strict=True):
             moved = torch.linalg.vector_norm(param.detach() - old)
             assert float(moved) == pytest.approx(0.01 * float(torch.linalg.vector_norm(old)), rel=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# pytorch_optimizer against the same loops, switched to its conventions: where it differs, and only there
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_pytorch_optimizer_adopt_differs_from_the_authors_only_as_documented(
+    problem: Problem, decoupled: bool, compare_runs: Any
+) -> None:
+    # pytorch_optimizer clips with clip_lambda(t), one step ahead of the authors' clip_lambda(t - 1), and
+    # decays (decoupled) on the first step too, which the authors skip.
+    options = {"lr": 3e-3, "weight_decay": 0.1}
+    theirs = TorchRun(problem, lambda params: pytorch_optimizer.ADOPT(params, weight_decouple=decoupled, **options))
+    loop = ReferenceRun(problem, ref.ADOPT(decouple=decoupled, variant="pytorch_optimizer", **options))
+    compare_runs(theirs, loop, reference="pytorch_optimizer.ADOPT vs its conventions")
+    if decoupled:  # the first step's decay alone tells the authors' ADOPT (ours) from pytorch_optimizer's
+        authors = TorchRun(problem, lambda params: ADOPT(params, decouple=True, **options))
+        other = TorchRun(problem, lambda params: pytorch_optimizer.ADOPT(params, weight_decouple=True, **options))
+        authors.advance(0)
+        other.advance(0)
+        assert all(not torch.equal(a, b) for a, b in zip(authors.params, other.params, strict=True))
+
+
+def test_pytorch_optimizer_ademamix_differs_from_the_authors_only_as_documented(
+    problem: Problem, compare_runs: Any
+) -> None:
+    # pytorch_optimizer: alpha 5 by default, coupled decay unless weight_decouple, one warm-up length for alpha
+    # and beta3, and the half-life without the authors' 1e-8 inside the logarithm.
+    options = {"lr": 3e-3, "alpha": 2.0, "weight_decay": 0.1}
+    theirs = TorchRun(
+        problem,
+        lambda params: pytorch_optimizer.AdEMAMix(params, weight_decouple=True, t_alpha_beta3=30, **options),
+    )
+    loop = ReferenceRun(problem, ref.AdEMAMix(alpha_warmup=30, beta3_warmup=30, half_life_eps=0.0, **options))
+    compare_runs(theirs, loop, reference="pytorch_optimizer.AdEMAMix vs its conventions", rtol=1e-9)
+    # 1e-9, not 1e-10: its decoupled decay scales p by (1 - lr w) before the update, the loop subtracts lr w p
+    # within it, and the two roundings part by a few ulps per step.
+
+
+def test_pytorch_optimizer_lamb_is_algorithm_2_only_without_decay(
+    problem: Problem, compare_runs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without decay, eps 0 and its 10.0 cap on ||p|| lifted, pytorch_optimizer's Lamb is Algorithm 2 (the
+    # bias corrections cancel in the trust ratio); with decay it cannot be (it decays outside the ratio).
+    monkeypatch.setattr(pytorch_optimizer.Lamb, "clamp", float("inf"), raising=False)
+    theirs = TorchRun(
+        problem,
+        lambda params: pytorch_optimizer.Lamb(params, lr=1e-2, weight_decay=0.0, eps=0.0, adam_debias=True),
+    )
+    ours = TorchRun(
+        problem,
+        lambda params: LAMB(params, lr=1e-2, weight_decay=0.0, eps=0.0, use_nvlamb=True, max_grad_norm=None),
+    )
+    compare_runs(ours, theirs, reference="pytorch_optimizer.Lamb (no decay)", rtol=1e-12)
