@@ -67,6 +67,25 @@ def _optional_function(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be a function of the step or None, got {type(value).__name__} {value!r}")
 
 
+def _optional_beta(name: str, value: Any) -> None:
+    if value is not None:
+        _in_range(name, value, 0.0, 1.0, low_open=False, high_open=True)
+
+
+def _optional_non_negative(name: str, value: Any) -> None:
+    if value is not None:
+        _non_negative(name, value)
+
+
+def _growth(name: str, value: Any) -> None:
+    _in_range(name, value, 1.0, math.inf, low_open=False, high_open=False)
+
+
+def _positive_int(name: str, value: Any) -> None:
+    _non_negative_int(name, value)
+    _positive(name, value)
+
+
 def _storage_dtype(name: str, value: Any) -> None:
     # Groups hold the dtype's name (see base.storage_dtype_name), so checkpoints hold only primitives.
     if value is not None and value not in ("float32", "bfloat16"):
@@ -90,6 +109,20 @@ HYPERPARAMETER_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "alpha_warmup": _optional_steps,
     "beta3_warmup": _optional_steps,
     "clip_lambda": _optional_function,
+    "beta3": _optional_beta,
+    "d0": _positive,
+    "d_coef": _positive,
+    "growth_rate": _growth,
+    "slice_p": _positive_int,
+    "use_bias_correction": _flag,
+    "safeguard_warmup": _flag,
+    "fsdp_in_use": _flag,
+    "max_grad_norm": _optional_non_negative,
+    "weight_decay_in_update": _non_negative,
+    "bias_correction": _flag,
+    "adam_w_mode": _flag,
+    "grad_averaging": _flag,
+    "use_nvlamb": _flag,
     "d_model": _positive,
     "total_steps": _positive,
     "n_tokens_training_batch": _positive,
