@@ -34,6 +34,10 @@ OPTIMIZER_CLASSES = [
     adaptopt.RAdam,
     adaptopt.AdaBelief,
     adaptopt.Sophia,
+    adaptopt.Lion,
+    adaptopt.ADOPT,
+    adaptopt.AdEMAMix,
+    adaptopt.ScheduleFreeAdamW,
 ]
 """Every optimizer class of ours (the registry's names without torch's `sgd`)."""
 

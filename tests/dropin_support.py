@@ -23,6 +23,7 @@ FEATURES, HIDDEN, CLASSES, BATCH = 6, 10, 3, 12
 
 # Every registered adaptopt optimizer, with settings under which its particular features act within a few
 # steps: warm-ups shorter than the runs, a cosine that decays, Sophia's Hessian estimated every other step.
+# Every one gets `WeightDecay(0.01)` unless its settings say otherwise.
 OPTIMIZER_SETTINGS: dict[str, dict[str, Any]] = {
     "adam": dict(lr=1e-2),
     "amsgrad": dict(lr=1e-2),
@@ -32,6 +33,11 @@ OPTIMIZER_SETTINGS: dict[str, dict[str, Any]] = {
     "radam": dict(lr=1e-2),
     "adabelief": dict(lr=1e-2),
     "sophia": dict(lr=1e-2, rho=0.05),
+    "lion": dict(lr=1e-3),
+    "adopt": dict(lr=1e-2),
+    "ademamix": dict(lr=1e-2, alpha_warmup=4, beta3_warmup=4),
+    # Its own decay (a float: taken at y on the normalised gradient) rather than the shared policy.
+    "schedule_free_adamw": dict(lr=1e-2, warmup_steps=3, weight_decay=0.01),
 }
 NAMES = sorted(OPTIMIZER_SETTINGS)
 assert set(NAMES) == set(adaptopt.available()) - {"sgd"}, "a registered optimizer is missing from the settings"
@@ -45,7 +51,7 @@ def reference_execution() -> dict[str, Any]:
 
 
 def make_optimizer(name: str, params: Iterable[Any], **overrides: Any) -> torch.optim.Optimizer:
-    settings = {**OPTIMIZER_SETTINGS[name], "weight_decay": WeightDecay(0.01), **overrides}
+    settings = {"weight_decay": WeightDecay(0.01), **OPTIMIZER_SETTINGS[name], **overrides}
     return adaptopt.create(name, params, **settings)
 
 

@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 import torch
 
-from adaptopt import Adam, AdamWarmupCosineDecay, Noam, Sophia, WeightDecay
+import adaptopt
+from adaptopt import ADOPT, Adam, AdamWarmupCosineDecay, Noam, ScheduleFreeAdamW, Sophia, WeightDecay, execution
+from adaptopt.base import KINDS, GenericAdaptiveOptimizer, Group, Scalars, State
 from conftest import OPTIMIZER_CLASSES
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -20,6 +22,28 @@ by_name = pytest.mark.parametrize("optimizer_class", OPTIMIZER_CLASSES, ids=lamb
 
 def takes(optimizer_class: type, name: str) -> bool:
     return name in inspect.signature(optimizer_class).parameters
+
+
+def betas_arity(optimizer_class: type) -> int:
+    """2 for a pair (beta1, beta2), 3 for AdEMAMix's triple (beta1, beta2, beta3); 0 without betas."""
+    parameter = inspect.signature(optimizer_class).parameters.get("betas")
+    return 0 if parameter is None else len(parameter.default)
+
+
+def applies(optimizer_class: type, name: str, value: Any) -> bool:
+    """Whether the case (argument `name`, bad `value`) is one for `optimizer_class`: it takes the argument
+    and, for betas, the case has as many values as its betas (the cases of the wrong length say which)."""
+    if not takes(optimizer_class, name):
+        return False
+    if name == "betas" and isinstance(value, tuple):
+        arity = betas_arity(optimizer_class)
+        wrong_length = any(value in cases for cases in WRONG_LENGTH_BETAS.values())
+        return value in WRONG_LENGTH_BETAS[arity] if wrong_length else len(value) == arity
+    return True
+
+
+WRONG_LENGTH_BETAS = {2: [(0.9,), (0.9, 0.99, 0.999)], 3: [(0.9,), (0.9, 0.99)]}
+"""The betas of the wrong length tried for a pair and for a triple."""
 
 
 def new_param(*shape: int) -> torch.Tensor:
@@ -38,20 +62,32 @@ INVALID: list[tuple[str, Any, str]] = [
     ("betas", (-0.1, 0.999), r"betas\[0\] must be in \[0, 1\)"),
     ("betas", (0.9, 1.0), r"betas\[1\] must be in \[0, 1\)"),
     ("betas", (0.9, 1.5), r"betas\[1\] must be in \[0, 1\)"),
-    ("betas", (0.9,), r"betas must be a pair .*1 values"),
+    ("betas", (0.9,), r"betas must be a (pair|triple) .*1 values"),
     ("betas", (0.9, 0.99, 0.999), r"betas must be a pair .*3 values"),
+    ("betas", (0.9, 0.99), r"betas must be a triple .*2 values"),
+    ("betas", (1.0, 0.999, 0.9999), r"betas\[0\] must be in \[0, 1\), got 1.0"),
+    ("betas", (0.9, 1.0, 0.9999), r"betas\[1\] must be in \[0, 1\)"),
+    ("betas", (0.9, 0.999, 1.0), r"betas\[2\] must be in \[0, 1\), got 1.0"),
     ("rho", 0.0, r"rho must be in \(0, inf\), got 0.0"),
     ("rho", -0.04, r"rho must be in \(0, inf\)"),
     ("warmup", -1, r"warmup must be in \[0, inf\), got -1"),
     ("d_model", 0, r"d_model must be in \(0, inf\)"),
     ("d_model", -512, r"d_model must be in \(0, inf\)"),
-    ("weight_decay", -0.1, r"weight_decay must be in \[0, inf\), got -0.1"),
+    ("weight_decay", -0.1, r"weight_decay(_at_y)? must be in \[0, inf\), got -0.1"),
+    ("alpha", -1.0, r"alpha must be in \[0, inf\), got -1.0"),
+    ("alpha_warmup", 0, r"alpha_warmup must be in \(0, inf\), got 0"),
+    ("beta3_warmup", -5, r"beta3_warmup must be in \(0, inf\)"),
+    ("warmup_steps", -1, r"warmup_steps must be in \[0, inf\), got -1"),
+    ("r", -0.5, r"r must be in \[0, inf\), got -0.5"),
+    ("weight_lr_power", -2.0, r"weight_lr_power must be in \[0, inf\)"),
 ]
+"""A float `weight_decay` of ScheduleFreeAdamW is its decay at y, stored (and named in errors) as the group
+key `weight_decay_at_y`; in a param group, `weight_decay` is the shared policy's coefficient there too."""
 INVALID_CASES = [
     pytest.param(c, name, value, message, id=f"{c.__name__}-{name}={value}")
     for name, value, message in INVALID
     for c in OPTIMIZER_CLASSES
-    if takes(c, name)
+    if applies(c, name, value)
 ]
 
 
@@ -129,12 +165,22 @@ WRONG_TYPES: list[tuple[str, Any, str]] = [
     ("lr", None, r"lr must be a real number"),
     ("lr", True, r"lr must be a real number, got bool"),
     ("eps", "1e-8", r"eps must be a real number"),
-    ("betas", "ab", r"betas must be a pair"),
+    ("betas", "ab", r"betas must be a (pair|triple)"),
     ("betas", (0.9, "0.999"), r"betas\[1\] must be a real number"),
+    ("betas", (0.9, 0.999, "0.9999"), r"betas\[2\] must be a real number"),
     ("weight_decay", "0.1", r"weight_decay must be a WeightDecay policy or a float, got str"),
     ("weight_decay", None, r"weight_decay must be a WeightDecay policy or a float"),
     ("weight_decay", True, r"weight_decay must be a WeightDecay policy or a float, got bool"),
     ("weight_decay", {"weight_decay": 0.1}, r"weight_decay must be a WeightDecay policy or a float, got dict"),
+    ("alpha", "2", r"alpha must be a real number"),
+    ("alpha_warmup", 2.5, r"alpha_warmup must be an int or None, got float"),
+    ("beta3_warmup", True, r"beta3_warmup must be an int or None, got bool"),
+    ("clip_lambda", 0.25, r"clip_lambda must be a function of the step or None, got float"),
+    ("decouple", 1, r"decouple must be a bool, got int"),
+    ("decoupled_weight_decay", "yes", r"decoupled_weight_decay must be a bool"),
+    ("warmup_steps", 2.5, r"warmup_steps must be an int, got float"),
+    ("r", "0", r"r must be a real number"),
+    ("weight_lr_power", None, r"weight_lr_power must be a real number"),
     ("warmup", 2.5, r"warmup must be an int, got float"),
     ("rho", "0.04", r"rho must be a real number"),
     ("optimized_update", 1, r"optimized_update must be a bool, got int"),
@@ -143,11 +189,20 @@ WRONG_TYPES: list[tuple[str, Any, str]] = [
     ("degenerate_to_sgd", None, r"degenerate_to_sgd must be a bool"),
     ("maximize", 1, r"maximize must be a bool"),
 ]
+
+
+def wrong_type_message(optimizer_class: type, name: str, message: str) -> str:
+    # ScheduleFreeAdamW takes a float weight_decay as its decay at y and checks it under that group key.
+    if optimizer_class is ScheduleFreeAdamW and name == "weight_decay":
+        return r"weight_decay_at_y must be a real number"
+    return message
+
+
 WRONG_TYPE_CASES = [
-    pytest.param(c, name, value, message, id=f"{c.__name__}-{name}={value!r}")
+    pytest.param(c, name, value, wrong_type_message(c, name, message), id=f"{c.__name__}-{name}={value!r}")
     for name, value, message in WRONG_TYPES
     for c in OPTIMIZER_CLASSES
-    if takes(c, name) or name == "maximize"
+    if applies(c, name, value) or name == "maximize"
 ]
 
 
@@ -157,7 +212,11 @@ def test_wrong_type_in_constructor(optimizer_class: type, name: str, value: Any,
         optimizer_class([new_param(3)], **{name: value})
 
 
-GROUP_WRONG_TYPES = [case for case in WRONG_TYPE_CASES if case.values[1] != "weight_decay"]
+CONSTRUCTOR_ONLY = ("weight_decay", "decouple")
+"""Arguments that are not group keys as such: a float `weight_decay` becomes a policy's keys (or Schedule-Free's
+`weight_decay_at_y`); ADOPT's `decouple` picks the policy's mode. Lion's `decoupled_weight_decay` is both: in
+the constructor it divides the decay by lr, in a group it is the policy's flag, a bool either way."""
+GROUP_WRONG_TYPES = [case for case in WRONG_TYPE_CASES if case.values[1] not in CONSTRUCTOR_ONLY]
 
 
 @pytest.mark.parametrize(("optimizer_class", "name", "value", "message"), GROUP_WRONG_TYPES)
@@ -206,6 +265,9 @@ def test_closure_is_evaluated_with_grad_enabled_and_its_loss_returned(optimizer_
         loss.backward()
         return loss
 
+    if optimizer_class is ADOPT:  # its first step only initialises the second moment: nothing moves
+        param.grad = 2 * param.detach()
+        optimizer.step()
     before = param.detach().clone()
     with torch.no_grad():  # step must turn grad back on for the closure even here
         returned = optimizer.step(closure)
@@ -269,7 +331,16 @@ def group_overrides(optimizer_class: type) -> dict[str, Any]:
         "amsgrad": True,
         "rectify": False,
         "degenerate_to_sgd": False,
+        "alpha": 5.0,
+        "alpha_warmup": 4,
+        "beta3_warmup": 6,
+        "clip_lambda": None,
+        "warmup_steps": 3,
+        "r": 1.0,
+        "weight_lr_power": 1.0,
     }
+    if betas_arity(optimizer_class) == 3:
+        candidates["betas"] = (0.5, 0.75, 0.95)
     return {name: value for name, value in candidates.items() if takes(optimizer_class, name)}
 
 
@@ -329,6 +400,10 @@ def test_weight_decay_off_for_one_group(optimizer_class: type) -> None:
     for t in range(1, 6):
         lr_t = 0.01 * (512**-0.5 * t**-0.5 if optimizer_class is Noam else 1.0)
         expected *= 1.0 - lr_t * 0.5
+        if optimizer_class is ScheduleFreeAdamW:
+            # The decayed y is then averaged with z (here the start: a zero grad leaves z alone), with
+            # weight c_t = 1/t (equal weights w_t, as r = 0 and the rate is constant).
+            expected += (start[0] - expected) / t
     torch.testing.assert_close(decayed, expected, rtol=1e-14, atol=0)
     assert torch.equal(not_decayed, start[1])
 
@@ -380,3 +455,85 @@ def test_float_weight_decay_means_decoupled() -> None:
     assert (group["weight_decay"], group["decoupled_weight_decay"]) == (0.1, True)
     zero_grad_steps(optimizer, [param], 2)
     torch.testing.assert_close(param, start * (1 - 0.01 * 0.1) ** 2, rtol=1e-14, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Kinds: what step_param may run on is declared by each class, never inherited by accident
+
+
+def family_classes() -> list[type]:
+    """The class of every registered adaptopt optimizer (the registry's names without torch's `sgd`)."""
+    classes = [adaptopt.describe(name).factory for name in adaptopt.available()]
+    return [c for c in classes if isinstance(c, type) and issubclass(c, GenericAdaptiveOptimizer)]
+
+
+def test_the_family_is_every_registered_name_but_sgd() -> None:
+    assert family_classes() == OPTIMIZER_CLASSES
+    assert len(family_classes()) == len(adaptopt.available()) - 1
+
+
+@pytest.mark.parametrize("optimizer_class", family_classes(), ids=lambda c: c.__name__)
+def test_every_optimizer_declares_its_kind_in_its_own_class_body(optimizer_class: type) -> None:
+    assert "kind" in vars(optimizer_class), f"{optimizer_class.__name__} inherits its kind instead of declaring it"
+    assert vars(optimizer_class)["kind"] in KINDS
+
+
+def test_an_unknown_kind_is_refused_when_the_class_is_created() -> None:
+    with pytest.raises(TypeError, match=r"Bogus.kind must be one of \('per_param', 'elementwise'\), got 'bogus'"):
+
+        class Bogus(GenericAdaptiveOptimizer):
+            kind = "bogus"
+
+    with pytest.raises(TypeError, match=r"AdamOfNoKind.kind must be one of"):
+
+        class AdamOfNoKind(Adam):
+            kind = "vectorized"
+
+
+class _SignSGD(GenericAdaptiveOptimizer):
+    """An optimizer that does not say what its step_param may run on: the default, one whole param."""
+
+    def __init__(self, params: Any, lr: float = 0.1, **options: Any) -> None:
+        super().__init__(params, {"lr": lr}, **options)
+
+    def init_state(self, state: State, group: Group, param: torch.Tensor) -> None:
+        state["steps_seen"] = torch.zeros_like(param)
+
+    def step_param(self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor, scalars: Scalars) -> None:
+        # Whole-tensor math, so that a bucket would give another answer: the step is normalised by the norm.
+        state["steps_seen"].add_(1.0)
+        param.add_(grad / grad.norm().clamp(min=1e-12), alpha=-scalars["lr"])
+
+
+@pytest.mark.parametrize("execution_mode", ["bucketed", "compiled", "auto"])
+def test_an_optimizer_that_does_not_declare_its_kind_runs_on_the_reference_loop(execution_mode: str) -> None:
+    assert _SignSGD.kind == "per_param" and "kind" not in vars(_SignSGD)
+    # Params that require grad, as the buckets leave frozen params to the reference loop anyway.
+    params = [new_param(3).requires_grad_(), new_param(2, 2).requires_grad_(), new_param(5).requires_grad_()]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    optimizer = _SignSGD(params, execution=execution_mode)
+    reference = _SignSGD(twins, execution="reference")
+    for step in range(3):
+        for param, twin in zip(params, twins, strict=True):
+            param.grad = torch.full_like(param, float(step + 1)) + param.detach()
+            twin.grad = param.grad.clone()
+        optimizer.step()
+        reference.step()
+    assert list(execution.buckets(optimizer)) == []
+    assert all(execution.bucket_of(optimizer, p) is None for p in params)
+    for param, twin in zip(params, twins, strict=True):
+        assert torch.equal(param, twin)
+        assert torch.equal(optimizer.state[param]["steps_seen"], torch.full_like(param, 3.0))
+
+
+@pytest.mark.parametrize(
+    "optimizer_class", [c for c in family_classes() if c.kind == "elementwise"], ids=lambda c: c.__name__
+)
+def test_an_elementwise_optimizer_does_run_in_buckets(optimizer_class: type) -> None:
+    """The other side of the test above: with execution="bucketed" the family's elementwise math gets buckets."""
+    params = [new_param(3).requires_grad_(), new_param(2, 2).requires_grad_()]
+    optimizer = optimizer_class(params, execution="bucketed")
+    for param in params:
+        param.grad = torch.ones_like(param)
+    optimizer.step()
+    assert len(list(execution.buckets(optimizer))) == 1

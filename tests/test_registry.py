@@ -20,6 +20,10 @@ EXPECTED = {
     "radam": adaptopt.RAdam,
     "adabelief": adaptopt.AdaBelief,
     "sophia": adaptopt.Sophia,
+    "lion": adaptopt.Lion,
+    "adopt": adaptopt.ADOPT,
+    "ademamix": adaptopt.AdEMAMix,
+    "schedule_free_adamw": adaptopt.ScheduleFreeAdamW,
     "sgd": torch.optim.SGD,
 }
 
@@ -73,6 +77,11 @@ def test_describe_gives_summary_paper_and_defaults(name: str) -> None:
         ("r-adam", "radam"),
         ("AMSGrad", "amsgrad"),
         ("Sophia", "sophia"),
+        ("Lion", "lion"),
+        ("ADOPT", "adopt"),
+        ("AdEMAMix", "ademamix"),
+        ("ScheduleFreeAdamW", "schedule_free_adamw"),
+        ("schedule-free-adamw", "schedule_free_adamw"),
         ("NOAM", "noam"),
         ("SGD", "sgd"),
     ],
@@ -82,7 +91,7 @@ def test_names_ignore_case_underscores_and_dashes(spelling: str, name: str) -> N
     assert type(create(spelling, [torch.zeros(2, requires_grad=True)])) is EXPECTED[name]
 
 
-@pytest.mark.parametrize("unknown", ["adamax", "", "adam warmup", "sophia-h", "lion"])
+@pytest.mark.parametrize("unknown", ["adamax", "", "adam warmup", "sophia-h", "schedule_free_sgd"])
 def test_unknown_names_raise_listing_the_valid_ones(unknown: str) -> None:
     for function in (describe, lambda n: create(n, [torch.zeros(2)])):
         with pytest.raises(ValueError, match=rf"unknown optimizer {unknown!r}") as raised:
