@@ -14,7 +14,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adaptopt import WeightDecay
+from adaptopt import WeightDecay, describe
+from adaptopt.base import CommonOptions
 from dropin_support import NAMES, assert_identical, make_optimizer, reference_execution, snapshot
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -31,10 +32,11 @@ class Layout:
     kind: str  # contiguous, transposed, strided, channels_last
 
     def make(self, values: torch.Tensor) -> torch.Tensor:
-        """A tensor of this layout holding `values` (a contiguous tensor of `shape`)."""
+        """A new tensor of this layout holding `values` (a contiguous tensor of `shape`), never `values` itself."""
         values = values.to(self.dtype)
         if self.kind == "transposed":
-            return values.transpose(0, -1).contiguous().transpose(0, -1)
+            # clone, not contiguous(): a 1-d "transpose" is the tensor itself, which must not be handed back.
+            return values.transpose(0, -1).clone(memory_format=torch.contiguous_format).transpose(0, -1)
         if self.kind == "strided":  # every other element of a larger buffer
             buffer = torch.zeros((2 * values.shape[0], *values.shape[1:]), dtype=self.dtype)
             buffer[::2] = values
@@ -72,6 +74,7 @@ def hyper_parameters(draw: st.DrawFn) -> dict[str, Any]:
     return {
         "lr": draw(st.floats(min_value=0.0, max_value=0.5)),
         "betas": (draw(st.floats(min_value=0.0, max_value=0.99)), draw(st.floats(min_value=0.5, max_value=0.9999))),
+        "beta3": draw(st.floats(min_value=0.5, max_value=0.9999)),  # AdEMAMix's third beta (dropped for the rest)
         "eps": draw(st.sampled_from([1e-16, 1e-8, 1e-3])),
         "weight_decay": policies[decay],
         "maximize": draw(st.booleans()),
@@ -93,9 +96,14 @@ def test_any_shape_layout_and_dtype_steps_like_the_reference(
     generator = torch.Generator().manual_seed(seed)
     values = [torch.randn(layout.shape, generator=generator, dtype=torch.float64) for layout in param_layouts]
     hostile = [layout.make(v).requires_grad_() for layout, v in zip(param_layouts, values, strict=True)]
-    plain = [v.to(layout.dtype).requires_grad_() for layout, v in zip(param_layouts, values, strict=True)]
+    plain = [v.to(layout.dtype, copy=True).requires_grad_() for layout, v in zip(param_layouts, values, strict=True)]
+    beta3 = hyper.pop("beta3")
+    if "eps" not in describe(name).defaults:  # Lion's sign needs no eps
+        del hyper["eps"]
     if name == "sophia":
         hyper = {**hyper, "rho": 0.05}
+    if betas_arity(name) == 3:
+        hyper = {**hyper, "betas": (*hyper["betas"], beta3)}
     ours = make_optimizer(name, hostile, **hyper)
     reference = make_optimizer(name, plain, **hyper, **reference_execution())
     for step in range(3):
@@ -160,7 +168,9 @@ def test_a_non_finite_grad_stays_in_its_element(name: str, bad: float) -> None:
         poisoned.grad[1] = bad
         for optimizer in optimizers:
             optimizer.step()
-    assert not bool(optimizers[1].state[poisoned]["exp_avg"][1].isfinite()), "the bad grad vanished"
+    # Schedule-Free keeps no first moment: its bad grad lands in the second.
+    moment = "exp_avg" if "exp_avg" in optimizers[1].state[poisoned] else "exp_avg_sq"
+    assert not bool(optimizers[1].state[poisoned][moment][1].isfinite()), "the bad grad vanished"
     keep = torch.tensor([True, False, True, True, True])
     assert_identical(poisoned.detach()[keep], clean.detach()[keep])
     for key, value in optimizers[0].state[clean].items():
@@ -172,15 +182,17 @@ def test_a_non_finite_grad_stays_in_its_element(name: str, bad: float) -> None:
 # Arguments of the wrong type or out of range: TypeError or ValueError naming the argument
 
 
+def betas_arity(name: str) -> int:
+    """How many betas optimizer `name` takes: 2, or 3 for AdEMAMix; 0 if it takes none."""
+    return len(describe(name).defaults.get("betas", ()))
+
+
 BAD_ARGUMENTS: list[tuple[str, Any, type[Exception]]] = [
     ("lr", "0.1", TypeError),
     ("lr", -1e-3, ValueError),
     ("lr", float("nan"), ValueError),
     ("betas", 0.9, TypeError),
     ("betas", (0.9,), ValueError),
-    ("betas", (0.9, 0.99, 0.999), ValueError),
-    ("betas", (0.9, 1.0), ValueError),
-    ("betas", ("0.9", 0.99), TypeError),
     ("eps", "1e-8", TypeError),
     ("eps", -1.0, ValueError),
     ("weight_decay", "0.01", TypeError),
@@ -192,6 +204,20 @@ BAD_ARGUMENTS: list[tuple[str, Any, type[Exception]]] = [
     ("state_dtype", "fp32", ValueError),
     ("state_dtype", 32, TypeError),
 ]
+BAD_BETAS: dict[int, list[tuple[str, Any, type[Exception]]]] = {
+    2: [
+        ("betas", (0.9, 0.99, 0.999), ValueError),
+        ("betas", (0.9, 1.0), ValueError),
+        ("betas", ("0.9", 0.99), TypeError),
+    ],
+    3: [
+        ("betas", (0.9, 0.999), ValueError),
+        ("betas", (0.9, 0.999, 0.9999, 0.99999), ValueError),
+        ("betas", (0.9, 0.999, 1.0), ValueError),
+        ("betas", (0.9, 0.999, "0.9999"), TypeError),
+    ],
+}
+"""Betas of the wrong length, range or type: a pair for most, a triple for AdEMAMix."""
 SPECIFIC_BAD_ARGUMENTS: dict[str, list[tuple[str, Any, type[Exception]]]] = {
     "sophia": [("rho", 0.0, ValueError), ("rho", "0.05", TypeError)],
     "adam_warmup": [("warmup", 2.5, TypeError), ("warmup", -1, ValueError)],
@@ -201,8 +227,33 @@ SPECIFIC_BAD_ARGUMENTS: dict[str, list[tuple[str, Any, type[Exception]]]] = {
     "adabelief": [("rectify", None, TypeError)],
     "amsgrad": [("amsgrad", 0, TypeError)],
     "adam": [("optimized_update", "false", TypeError)],
+    "lion": [("decoupled_weight_decay", "yes", TypeError)],
+    "adopt": [("clip_lambda", 0.25, TypeError), ("clip_lambda", "t ** 0.25", TypeError), ("decouple", 1, TypeError)],
+    "ademamix": [
+        ("alpha", -1.0, ValueError),
+        ("alpha", "2", TypeError),
+        ("alpha_warmup", 0, ValueError),
+        ("alpha_warmup", 10.0, TypeError),
+        ("beta3_warmup", -100, ValueError),
+        ("beta3_warmup", True, TypeError),
+    ],
+    "schedule_free_adamw": [
+        ("warmup_steps", -1, ValueError),
+        ("warmup_steps", 2.5, TypeError),
+        ("r", -0.5, ValueError),
+        ("r", "1", TypeError),
+        ("weight_lr_power", -2.0, ValueError),
+    ],
 }
-CASES = [(name, *case) for name in NAMES for case in BAD_ARGUMENTS + SPECIFIC_BAD_ARGUMENTS[name]]
+CASES = [
+    (name, *case)
+    for name in NAMES
+    for case in BAD_ARGUMENTS + BAD_BETAS[betas_arity(name)] + SPECIFIC_BAD_ARGUMENTS[name]
+    if case[0] in describe(name).defaults or case[0] in CommonOptions.__annotations__  # Lion takes no eps
+]
+CONSTRUCTOR_ONLY = ("decouple",)
+"""ADOPT's `decouple` picks its weight decay's mode at construction; it is no group key."""
+GROUP_CASES = [case for case in CASES if case[1] not in CONSTRUCTOR_ONLY]
 
 
 @pytest.mark.parametrize(("name", "argument", "value", "error"), CASES)
@@ -211,7 +262,7 @@ def test_a_bad_argument_names_itself(name: str, argument: str, value: Any, error
         make_optimizer(name, [torch.zeros(2, requires_grad=True)], **{argument: value})
 
 
-@pytest.mark.parametrize(("name", "argument", "value", "error"), CASES)
+@pytest.mark.parametrize(("name", "argument", "value", "error"), GROUP_CASES)
 def test_a_bad_param_group_names_itself_and_is_not_added(
     name: str, argument: str, value: Any, error: type[Exception]
 ) -> None:
@@ -226,3 +277,26 @@ def test_a_bad_param_group_names_itself_and_is_not_added(
 def test_an_unknown_argument_is_refused(name: str) -> None:
     with pytest.raises(TypeError, match="momentum"):
         make_optimizer(name, [torch.zeros(2, requires_grad=True)], momentum=0.9)
+
+
+@pytest.mark.parametrize("lr", [0.0, 0, -1e-3, "1e-4"])
+def test_lion_divides_decay_by_lr_only_for_a_positive_lr(lr: Any) -> None:
+    # decoupled_weight_decay=True divides weight_decay by lr: lr = 0 would make it infinite.
+    with pytest.raises((ValueError, TypeError), match="lr"):
+        make_optimizer("lion", [torch.zeros(2)], lr=lr, weight_decay=0.1, decoupled_weight_decay=True)
+
+
+def test_schedule_free_refuses_to_step_in_eval_mode_and_changes_nothing() -> None:
+    param = torch.ones(3, requires_grad=True)
+    optimizer = make_optimizer("schedule_free_adamw", [param])
+    param.grad = torch.full_like(param, 0.5)
+    optimizer.step()
+    optimizer.eval()  # type: ignore[attr-defined]
+    before = snapshot(optimizer)
+    with pytest.raises(RuntimeError, match=r"ScheduleFreeAdamW.step\(\) was called in eval mode"):
+        optimizer.step()
+    assert_identical(snapshot(optimizer), before)
+    with pytest.raises(TypeError, match="mode must be a bool"):
+        optimizer.train(1)  # type: ignore[attr-defined]
+    optimizer.train()  # type: ignore[attr-defined]
+    optimizer.step()
