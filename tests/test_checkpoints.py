@@ -1,13 +1,15 @@
 """Checkpoints in torch's format: bitwise resume, interop with torch.optim both ways, validated loading.
 
 Every checkpoint goes through `torch.save` and `torch.load(weights_only=True)`, which refuses anything but
-tensors and primitives, so these tests also prove that param groups hold only primitives.
+tensors and primitives, so these tests also prove that param groups hold only primitives, with one exception
+allowed by name: ADOPT's default `clip_lambda` (`ALLOWED_FUNCTIONS`).
 """
 
 from __future__ import annotations
 
 import copy
 import io
+import pickle
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +18,7 @@ import torch
 
 import adaptopt
 from adaptopt import WeightDecay
+from adaptopt.optimizers.adopt import quarter_power_clip
 from dropin_support import (
     NAMES,
     assert_identical,
@@ -32,11 +35,17 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 BEFORE, AFTER = 5, 5  # RAdam's rectified branch starts at step 6: the resumed part crosses it.
 
 
+ALLOWED_FUNCTIONS = [quarter_power_clip]
+"""The one non-primitive in a param group: ADOPT's default `clip_lambda`, a function, which `torch.load`'s
+default `weights_only=True` refuses unless allowed (see `test_an_adopt_checkpoint_loads_with_torch_defaults`)."""
+
+
 def through_disk(checkpoint: dict[str, Any]) -> dict[str, Any]:
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
     buffer.seek(0)
-    loaded: dict[str, Any] = torch.load(buffer, weights_only=True)
+    with torch.serialization.safe_globals(ALLOWED_FUNCTIONS):
+        loaded: dict[str, Any] = torch.load(buffer, weights_only=True)
     return loaded
 
 
@@ -162,6 +171,11 @@ def another_optimizer(name: str) -> str:
     return "adam" if name == "sophia" else "sophia"
 
 
+def first_state_tensor(state: dict[str, Any]) -> str:
+    """The name of the first state tensor (`exp_avg` for most, `z` for Schedule-Free)."""
+    return next(key for key, value in state.items() if torch.is_tensor(value))
+
+
 def corrupt(name: str, case: str) -> tuple[Callable[[], torch.optim.Optimizer], dict[str, Any], str]:
     """A trained optimizer, a checkpoint that must not load into it, and what the error must say."""
     model = make_model()
@@ -175,7 +189,9 @@ def corrupt(name: str, case: str) -> tuple[Callable[[], torch.optim.Optimizer], 
         other_model = make_model()
         other = make_optimizer(another_optimizer(name), other_model.parameters())
         train(other_model, other, range(2))
-        return target, copy.deepcopy(other.state_dict()), "does not fit"
+        # AdEMAMix's groups have three betas: the other's groups are refused before its state is looked at.
+        message = "betas must be a triple" if name == "ademamix" else "does not fit"
+        return target, copy.deepcopy(other.state_dict()), message
     if case == "group-count":
         # The same trained state, in an optimizer over two groups.
         split = make_optimizer(name, [{"params": params[:2]}, {"params": params[2:]}])
@@ -185,11 +201,12 @@ def corrupt(name: str, case: str) -> tuple[Callable[[], torch.optim.Optimizer], 
         checkpoint["param_groups"][0]["params"] = checkpoint["param_groups"][0]["params"][:-1]
         return target, checkpoint, "params"
     if case == "shape":
-        first_state["exp_avg"] = torch.zeros(3, dtype=torch.float64)
+        first_state[first_state_tensor(first_state)] = torch.zeros(3, dtype=torch.float64)
         return target, checkpoint, "shape"
     if case == "missing-key":
-        del first_state["exp_avg"]
-        return target, checkpoint, "missing keys \\['exp_avg'\\]"
+        key = first_state_tensor(first_state)
+        del first_state[key]
+        return target, checkpoint, f"missing keys \\['{key}'\\]"
     if case == "bad-step":
         first_state["step"] = 2.5
         return target, checkpoint, "step"
@@ -292,3 +309,79 @@ def test_a_complex_param_loads_torch_complex_state() -> None:
     ours = adaptopt.Adam([param], lr=1e-2, optimized_update=False, eps=1e-8)
     ours.load_state_dict(through_disk(theirs.state_dict()))
     assert_identical(ours.state[param]["exp_avg"], torch.view_as_real(theirs.state[param]["exp_avg"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-group state and modes (Schedule-Free), and ADOPT's function in the groups
+
+GROUP_STATE = ("k", "train_mode", "weight_sum", "lr_max", "scheduled_lr")
+
+
+def two_group_schedule_free(model: torch.nn.Module) -> torch.optim.Optimizer:
+    first, *rest = model.parameters()
+    return make_optimizer("schedule_free_adamw", [{"params": [first], "lr": 3e-3, "warmup_steps": 2}, {"params": rest}])
+
+
+def test_schedule_free_group_state_travels_in_the_checkpoint_and_resumes_bitwise() -> None:
+    model = make_model()
+    optimizer = two_group_schedule_free(model)
+    train(model, optimizer, range(BEFORE))
+    checkpoint = through_disk({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    saved_groups = checkpoint["optimizer"]["param_groups"]
+    assert [group["k"] for group in saved_groups] == [BEFORE, BEFORE]
+    assert [group["lr_max"] for group in saved_groups] == [3e-3, 1e-2]  # each group its own warm-up and peak
+    assert all(group["train_mode"] is True and group["weight_sum"] > 0 for group in saved_groups)
+    train(model, optimizer, range(BEFORE, BEFORE + AFTER))
+
+    resumed = make_model(seed=1)
+    resumed.load_state_dict(checkpoint["model"])
+    fresh = two_group_schedule_free(resumed)
+    assert all(group["k"] == 0 for group in fresh.param_groups)
+    fresh.load_state_dict(checkpoint["optimizer"])
+    for group, saved in zip(fresh.param_groups, saved_groups, strict=True):
+        assert_identical({key: group[key] for key in GROUP_STATE}, {key: saved[key] for key in GROUP_STATE})
+    train(resumed, fresh, range(BEFORE, BEFORE + AFTER))
+    assert_same_params(resumed, model)
+    assert_identical(fresh.state_dict(), optimizer.state_dict())
+    assert [group["k"] for group in fresh.param_groups] == [BEFORE + AFTER] * 2
+
+
+def test_schedule_free_checkpoint_taken_in_eval_mode_resumes_bitwise_after_train() -> None:
+    # The usual place of a checkpoint: after evaluating, with the model at the averaged point x.
+    model = make_model()
+    optimizer = make_optimizer("schedule_free_adamw", model.parameters())
+    train(model, optimizer, range(BEFORE))
+    training_point = [p.detach().clone() for p in model.parameters()]
+    optimizer.eval()  # type: ignore[attr-defined]
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), training_point, strict=True))
+    checkpoint = through_disk({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    assert all(group["train_mode"] is False for group in checkpoint["optimizer"]["param_groups"])
+    optimizer.train()  # type: ignore[attr-defined]
+    train(model, optimizer, range(BEFORE, BEFORE + AFTER))
+
+    resumed = make_model(seed=1)
+    resumed.load_state_dict(checkpoint["model"])
+    fresh = make_optimizer("schedule_free_adamw", resumed.parameters())
+    fresh.load_state_dict(checkpoint["optimizer"])
+    with pytest.raises(RuntimeError, match="eval mode"):
+        fresh.step()
+    fresh.train()  # type: ignore[attr-defined]
+    train(resumed, fresh, range(BEFORE, BEFORE + AFTER))
+    assert_same_params(resumed, model)
+    assert_identical(fresh.state_dict(), optimizer.state_dict())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=pickle.UnpicklingError,
+    reason="ADOPT keeps its default clip_lambda, a function, in the param groups; torch.load's default "
+    "weights_only=True refuses it unless the caller allows adaptopt.optimizers.adopt.quarter_power_clip",
+)
+def test_an_adopt_checkpoint_loads_with_torch_defaults() -> None:
+    model = make_model()
+    optimizer = make_optimizer("adopt", model.parameters())
+    train(model, optimizer, range(3))
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    torch.load(buffer)
