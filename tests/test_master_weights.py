@@ -98,22 +98,29 @@ def test_a_master_weight_checkpoint_resumes_without_masters(name: str) -> None:
     assert plain.param_groups[0]["master_weights"] is False
     for param in model.parameters():
         assert "master_weight" not in plain.state[param]
-        assert plain.state[param]["exp_avg"].dtype == torch.bfloat16  # the dtype a plain bf16 run keeps
+        tensors = [value for value in plain.state[param].values() if torch.is_tensor(value)]
+        assert tensors and all(t.dtype == torch.bfloat16 for t in tensors)  # the dtype a plain bf16 run keeps
 
 
 # bf16 state: half the memory of the moments. Its cost, measured on the test model over 20 steps as the
 # largest deviation of any param from the fp32-state run relative to the largest distance a param moved:
-# 0.13% (AdaBelief) to 0.43% (Noam) for the Adam family, 3.4% for Sophia, whose clipped ratio
-# |m| / (rho h) passes the rounding of m and h straight to the step. Bounds: 1% and 5%.
-BF16_STATE_COST_BOUND = {"sophia": 0.05}
+# 0.13% (AdaBelief) to 0.52% (ADOPT) for the Adam family, AdEMAMix and ADOPT, 3.4% for Sophia, whose
+# clipped ratio |m| / (rho h) passes the rounding of m and h straight to the step. Bounds: 1% and 5%.
+# Lion steps by sign(m): the rounding of m changes nothing until it flips a sign, which first happens after
+# 20 steps here, and then moves that coordinate by lr (measured over 60 steps: 3.3%). Schedule-Free's state
+# holds z, an iterate of the weights themselves, so bf16 rounds z by up to half a bf16 ulp of |p|, not of
+# the update (measured: 5.2%); bound 10%.
+BF16_STATE_COST_BOUND = {"sophia": 0.05, "lion": 0.05, "schedule_free_adamw": 0.1}
+BF16_STATE_STEPS = {"lion": 60}
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_bf16_state_costs_little_accuracy(name: str) -> None:
+    steps = range(BF16_STATE_STEPS.get(name, 20))
     fp32_state, bf16_state = make_model(torch.float32), make_model(torch.float32)
-    train(fp32_state, make_optimizer(name, fp32_state.parameters()), range(20))
+    train(fp32_state, make_optimizer(name, fp32_state.parameters()), steps)
     optimizer = make_optimizer(name, bf16_state.parameters(), state_dtype=torch.bfloat16)
-    train(bf16_state, optimizer, range(20))
+    train(bf16_state, optimizer, steps)
     assert all(
         value.dtype == torch.bfloat16
         for state in optimizer.state.values()
