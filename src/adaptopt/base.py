@@ -462,6 +462,16 @@ class GenericAdaptiveOptimizer(Optimizer):
         self.initialize_state(template, group, param.detach().to("meta"))
         return template
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's `state_dict`, without the functions a param group may hold (ADOPT's `clip_lambda`): a
+        checkpoint holds data only, so `torch.load`'s default `weights_only=True` reads it, and the optimizer
+        that loads it keeps its own functions (`load_state_dict` keeps what the saved groups lack)."""
+        saved = super().state_dict()
+        saved["param_groups"] = [
+            {key: value for key, value in group.items() if not callable(value)} for group in saved["param_groups"]
+        ]
+        return saved
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of ours or of the matching `torch.optim` optimizer.
 
