@@ -55,6 +55,14 @@ CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("adabelief", {"rectify": False, "amsgrad": True}),
     ("adabelief", {"degenerate_to_sgd": False, "maximize": True}),
     ("sophia", {"rho": 0.05, "weight_decay": 0.1}),
+    ("lion", {}),
+    ("lion", {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True}),
+    ("adopt", {}),
+    ("adopt", {"weight_decay": 0.05, "clip_lambda": None, "maximize": True}),
+    ("ademamix", {"betas": (0.0, 0.999, 0.999)}),  # beta1 = 0: no fast momentum in the state
+    ("ademamix", {"alpha_warmup": 10, "beta3_warmup": 10, "weight_decay": 0.01}),
+    ("schedule_free_adamw", {"r": 1.0, "weight_lr_power": 1.0, "betas": (0.95, 0.99), "maximize": True}),
+    ("schedule_free_adamw", {"warmup_steps": 5, "weight_decay": 0.01}),
 ]
 NAMES = [name for name in adaptopt.available() if name != "sgd"]
 STEPS = 20
@@ -149,6 +157,12 @@ def reference(name: str, options: dict[str, Any], **kwargs: Any) -> tuple[nn.Mod
     return train(name, options, "reference", **kwargs)
 
 
+def a_state_tensor(state: dict[str, Any]) -> str:
+    """The key of one state tensor: `exp_avg` where there is one (not Schedule-Free's, nor AdEMAMix's with
+    beta1 = 0), else the first."""
+    return "exp_avg" if "exp_avg" in state else next(key for key, value in state.items() if torch.is_tensor(value))
+
+
 def test_configs_cover_every_registered_optimizer() -> None:
     assert {name for name, _ in CONFIGS} == set(NAMES)
 
@@ -165,8 +179,9 @@ def test_bucketed_equals_reference_bitwise(name: str, options: dict[str, Any], s
     assert all(bucket_of(optimizer, param) is bucket for param in model.parameters())
     weight = model[0].weight
     assert weight.untyped_storage().data_ptr() == bucket.flat_param.untyped_storage().data_ptr()
-    assert optimizer.state[weight]["exp_avg"].untyped_storage().data_ptr() == (
-        bucket.state_buffers["exp_avg"].untyped_storage().data_ptr()
+    key = a_state_tensor(optimizer.state[weight])
+    assert optimizer.state[weight][key].untyped_storage().data_ptr() == (
+        bucket.state_buffers[key].untyped_storage().data_ptr()
     )
     if not set_to_none:
         # zero_grad(set_to_none=False) hands backward the bucket's grad views: no copy at the step.
@@ -464,7 +479,8 @@ def test_state_dict_round_trip_writes_into_the_buckets(name: str) -> None:
     assert_same(expected, (model, optimizer), exact=True)
     (bucket,) = buckets(optimizer)
     state = optimizer.state[model[0].weight]
-    assert state["exp_avg"].untyped_storage().data_ptr() == bucket.state_buffers["exp_avg"].untyped_storage().data_ptr()
+    key = a_state_tensor(state)
+    assert state[key].untyped_storage().data_ptr() == bucket.state_buffers[key].untyped_storage().data_ptr()
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -473,12 +489,14 @@ def test_state_replaced_by_hand_is_taken_into_the_buckets(name: str) -> None:
     # `state[p]["exp_avg"] = t`. A run from another init takes a reference run's params and state dicts
     # after 12 steps, and must go on exactly as the reference run does. One step later it also takes one
     # exp_avg tensor alone (equal to the bucket's: a bucket that kept stepping its view would leave it behind).
+    # (Per-group state, Schedule-Free's, is the same in both runs: it counts steps, which both took.)
     options = dict(CONFIGS)[name]
     expected = reference(name, options, steps=12)
     params_then = [param.detach().clone() for param in expected[0].parameters()]
     states_then = [copy.deepcopy(expected[1].state[param]) for param in expected[0].parameters()]
     train(name, options, "reference", model=expected[0], optimizer=expected[1], steps=1, start=12)
-    exp_avg_then = expected[1].state[expected[0][0].weight]["exp_avg"].clone()
+    key = a_state_tensor(expected[1].state[expected[0][0].weight])
+    exp_avg_then = expected[1].state[expected[0][0].weight][key].clone()
     train(name, options, "reference", model=expected[0], optimizer=expected[1], steps=11, start=13)
 
     torch.manual_seed(1)
@@ -489,7 +507,7 @@ def test_state_replaced_by_hand_is_taken_into_the_buckets(name: str) -> None:
     for param, state in zip(params, states_then, strict=True):
         optimizer.state[param] = state
     train(name, options, "bucketed", model=model, optimizer=optimizer, steps=1, start=12)
-    optimizer.state[model[0].weight]["exp_avg"] = exp_avg_then
+    optimizer.state[model[0].weight][key] = exp_avg_then
     train(name, options, "bucketed", model=model, optimizer=optimizer, steps=11, start=13)
     assert_same(expected, (model, optimizer), exact=True)
     (bucket,) = buckets(optimizer)
@@ -497,6 +515,37 @@ def test_state_replaced_by_hand_is_taken_into_the_buckets(name: str) -> None:
         for key, buffer in bucket.state_buffers.items():
             stored = optimizer.state[param][key].untyped_storage().data_ptr()
             assert stored == buffer.untyped_storage().data_ptr(), key
+
+
+@pytest.mark.parametrize("path", FAST_PATHS)
+def test_schedule_free_modes_switch_bucketed_params_as_the_reference(path: str) -> None:
+    # eval() and train() move every param (in a bucket, a view of its buffer) between y and x with z from the
+    # state (a view of a state buffer): every few steps, to x and back, as a training loop evaluating does.
+    name, options = "schedule_free_adamw", dict(CONFIGS)["schedule_free_adamw"]
+    seen: dict[str, list[torch.Tensor]] = {"reference": [], path: []}
+
+    def evaluate_now_and_then(run: str) -> Mutate:
+        def mutate(step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+            if step % 4 == 3:
+                optimizer.eval()  # type: ignore[attr-defined]
+                seen[run].extend(param.detach().clone() for param in model.parameters())
+                optimizer.train()  # type: ignore[attr-defined]
+
+        return mutate
+
+    expected = reference(name, options, mutate=evaluate_now_and_then("reference"))
+    actual = train(name, options, path, mutate=evaluate_now_and_then(path))
+    assert_same(expected, actual, exact=path == "bucketed")
+    assert len(seen[path]) == len(seen["reference"]) == 5 * 4
+    for want, got in zip(seen["reference"], seen[path], strict=True):
+        if path == "bucketed":
+            assert torch.equal(want, got)
+        else:
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-12 * max(want.abs().max().item(), 1e-300))
+    model, optimizer = actual
+    (bucket,) = buckets(optimizer)
+    assert all(bucket_of(optimizer, param) is bucket for param in model.parameters())
+    assert all(group["k"] == STEPS and group["train_mode"] for group in optimizer.param_groups)
 
 
 def test_state_tensor_of_the_wrong_shape_is_rejected() -> None:
