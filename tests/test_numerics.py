@@ -18,6 +18,7 @@ import contextlib
 import io
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import adabelief_pytorch
@@ -597,10 +598,22 @@ def test_reference_loops_agree_with_independent_implementations(problem: Problem
     compare_runs(oracle_run, theirs, reference="reference.py vs independent")
 
 
+FAMILY_TESTS = {
+    "Lion": "test_lion_equals_lion_pytorch",
+    "ScheduleFreeAdamW": "test_schedule_free_equals_schedulefree",
+    "ADOPT": "test_adopt_equals_authors_code",
+    "AdEMAMix": "test_ademamix_equals_authors_code",
+}
+"""The test of tests/test_family.py that compares each of these with its official code."""
+
+
 def test_every_registered_optimizer_has_a_reference_case() -> None:
     """Adding an optimizer to the registry without an oracle here fails this test."""
     covered = {type(factory([torch.zeros(1)])).__name__ for factory, _ in REFERENCE_CASES.values()}
     covered |= {"Sophia"}  # test_sophia_matches_reference_loop
+    # The family beyond the seed is checked in tests/test_family.py, each against its official code.
+    family = (Path(__file__).parent / "test_family.py").read_text()
+    covered |= {name for name, test in FAMILY_TESTS.items() if f"def {test}(" in family}
     registered = {type(adaptopt.create(name, [torch.zeros(1)])).__name__ for name in adaptopt.available()}
     assert registered - {"SGD"} <= covered
 
