@@ -354,3 +354,27 @@ def test_pytorch_optimizer_lamb_is_algorithm_2_only_without_decay(
         lambda params: LAMB(params, lr=1e-2, weight_decay=0.0, eps=0.0, use_nvlamb=True, max_grad_norm=None),
     )
     compare_runs(ours, theirs, reference="pytorch_optimizer.Lamb (no decay)", rtol=1e-12)
+
+
+@pytest.mark.parametrize("execution", ["bucketed", "compiled"])
+@pytest.mark.parametrize("large_weights", [False, True], ids=["all-small", "weights-large"])
+def test_lamb_reduces_over_each_param_of_a_bucket(
+    execution: str, large_weights: bool, monkeypatch: pytest.MonkeyPatch, compare_runs: Any
+) -> None:
+    # One bucket holds all four params: its small ones are one segment whose norms are segmented by their
+    # starts, each large one a segment of its own (a plain sum), and both equal the reference loop.
+    from adaptopt import execution as engine
+    from adaptopt.compiled import CompiledUpdate
+    from conftest import PROBLEMS
+
+    if large_weights:
+        monkeypatch.setattr(engine, "IN_PLACE_GRAD_NUMEL", 20)
+    problem = PROBLEMS["mlp"]
+    compilations = CompiledUpdate.compilations
+    ours = TorchRun(problem, lambda params: LAMB(params, lr=1e-2, execution=execution))
+    theirs = TorchRun(problem, lambda params: LAMB(params, lr=1e-2, execution="reference"))
+    compare_runs(ours, theirs, reference="LAMB, reference loop", rtol=1e-12)
+    (bucket,) = engine.buckets(ours.optimizer)
+    assert bucket.params == ours.params[1::2] + ours.params[::2] if large_weights else len(bucket.params) == 4
+    if execution == "compiled":
+        assert CompiledUpdate.compilations > compilations

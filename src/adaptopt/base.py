@@ -55,13 +55,16 @@ import torch
 from torch.optim import Optimizer
 
 from .execution import BucketedExecution
+from .functional import TensorExtents
 from .validation import validate_group
 from .weight_decay import WeightDecay, apply_weight_decay
 
 __all__ = ["KINDS", "CommonOptions", "GenericAdaptiveOptimizer", "Group", "ParamsT", "Scalars", "State", "as_real"]
 
-KINDS = ("per_param", "elementwise")
-"""What `step_param` may be run on: one whole parameter at a time, or any slice of a bucket of parameters."""
+KINDS = ("per_param", "elementwise", "tensorwise")
+"""What `step_param` may be run on: one whole parameter at a time; any slice of a bucket of parameters; or a
+stretch of a bucket holding whole params, with per-param sums taken through `scalars["extents"]`
+(`functional.TensorExtents`)."""
 
 ParamsT: TypeAlias = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 State: TypeAlias = dict[str, Any]
@@ -280,7 +283,10 @@ class GenericAdaptiveOptimizer(Optimizer):
                 totals[name] = totals[name] + value.to(totals[name].device) if name in totals else value
 
         for group in self.param_groups:
-            for param, grad in self.params_with_grad(group):
+            params = group["params"]
+            if self._buckets is not None and not self._needs_working_copies(group):
+                params = self._buckets.reduce_group(group, collect)
+            for param, grad in self.params_with_grad(params):
                 state = self.state_for(group, param)
                 if self._needs_working_copies(group):
                     self._through_working_copies(collect, state, group, as_real(grad), as_real(param))
@@ -331,7 +337,10 @@ class GenericAdaptiveOptimizer(Optimizer):
     def _step_one(self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor) -> None:
         """Bookkeeping shared by every execution path, then the optimizer's own math."""
         state["step"] += 1
-        self.update(state, group, grad, param, self.step_scalars(state, group))
+        scalars = self.step_scalars(state, group)
+        if type(self).kind == "tensorwise":
+            scalars = {**scalars, "extents": TensorExtents(None)}
+        self.update(state, group, grad, param, scalars)
 
     def update(self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor, scalars: Scalars) -> None:
         """The tensor part of a step (what the compiled path compiles): maximize, weight decay, the math."""

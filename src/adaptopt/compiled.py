@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from . import torch_internals as internals
+from .functional import TensorExtents
 
 if TYPE_CHECKING:
     from .base import Group, Scalars
@@ -220,21 +221,33 @@ class CompiledUpdate:
         scalars: Scalars,
         device: torch.device,
         tag: str,
+        *,
+        direct: bool = True,
     ) -> None:
         keys = tuple(state_keys)
         self.names = scalar_names = tuple(name for name, value in scalars.items() if isinstance(value, float))
         self.constants = constants
         self.fixed = fixed = {name: value for name, value in scalars.items() if name not in scalar_names}
 
+        extents = fixed.get("extents")
+
         def update(param: torch.Tensor, grad: torch.Tensor, packed: torch.Tensor, *state: torch.Tensor) -> None:
             scalars = dict(fixed)
             for index, name in enumerate(scalar_names):
                 scalars[name] = packed[index]
+            if extents:  # A tensorwise update: over one whole param, or several whose starts come last.
+                starts = state[-1] if extents == "segmented" else None
+                state = state[:-1] if extents == "segmented" else state
+                scalars["extents"] = TensorExtents(starts)
             optimizer.update(dict(zip(keys, state, strict=True)), constants, grad, param, scalars)
 
         self._update, self._tag = update, tag
+        self._direct = direct
+        """Whether the kernel may be called directly and over rows: for elementwise updates only, as rows
+        split a param's elements among threads, and the argument plans know flat inputs of one length."""
         self._single_threaded = (
-            device.type == "cpu"
+            direct
+            and device.type == "cpu"
             and _rows_function() is not None
             and internals.inductor_setting_available("cpp.threads")
         )
@@ -333,7 +346,7 @@ class CompiledUpdate:
             return
         for tensor in (param, grad, *state):
             internals.mark_dynamic(tensor, 0)
-        if self._kernel is None and param.device.type == "cpu":
+        if self._kernel is None and param.device.type == "cpu" and self._direct:
             self._probe = (param, grad, packed, *state)
         try:
             self._dynamo(param, grad, packed, *state)

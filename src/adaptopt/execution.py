@@ -47,16 +47,17 @@ from __future__ import annotations
 
 import operator
 import warnings
-from collections.abc import Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import pairwise, repeat
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol, cast
 
 import numpy as np
 import torch
 
 from . import torch_internals as internals
 from .compiled import CompiledUpdate, compilation_supported
+from .functional import TensorExtents
 from .memory import as_bucket_buffer, bucket_buffer
 
 if TYPE_CHECKING:
@@ -201,6 +202,11 @@ class Bucket:
     """The `Segment`s made so far, by `(start, stop)`."""
     rows: tuple[CompiledUpdate, np.ndarray, list[int]] | None = None
     """For the compiled update that last called rows here: its table (a row per param) and grad columns."""
+    tensor_starts: torch.Tensor | None = None
+    """For a tensorwise optimizer: per element of the small params, the offset where its param starts (the
+    large params are segments of their own, and need none)."""
+    prepared: _Prepared | None = None
+    """The first pass's (`reduce_group`) preparation of this step, for the step to use."""
 
     @property
     def numel(self) -> int:
@@ -230,7 +236,21 @@ class Bucket:
         """Elements `start:stop` of the buffers, as real tensors (made anew)."""
         state = {key: buffer[start:stop] for key, buffer in self.state_buffers.items()}
         param, grad = _real(self.flat_param[start:stop]), _real(self.flat_grad[start:stop])
-        return Segment(start, stop, param, grad, state, list(state.values()))
+        starts = None
+        if self.tensor_starts is not None and stop <= self.tensor_starts.shape[0] and not self._one_param(start, stop):
+            starts = self.tensor_starts[start:stop] - start
+        return Segment(start, stop, param, grad, state, list(state.values()), starts)
+
+    def _one_param(self, start: int, stop: int) -> bool:
+        index = self.offsets.index(start) if start in self.offsets else -1
+        return index >= 0 and self.offsets[index + 1] == stop
+
+
+class _Prepared(NamedTuple):
+    grads: list[torch.Tensor | None]
+    in_place: dict[int, torch.Tensor]
+    pointers: list[int] | None
+    runs: list[tuple[int, int, int]]
 
 
 @dataclass(frozen=True, eq=False)
@@ -244,6 +264,8 @@ class Segment:
     """The bucket's grad buffer here; a grad read in place takes its place for the call."""
     state: dict[str, torch.Tensor]
     state_list: list[torch.Tensor]
+    starts: torch.Tensor | None = None
+    """For a tensorwise optimizer, a segment of several params: where each element's param starts in it."""
 
 
 class BucketedExecution:
@@ -252,6 +274,9 @@ class BucketedExecution:
     def __init__(self, optimizer: Steppable, mode: str) -> None:
         self.optimizer = optimizer
         self.mode = mode
+        self.kind = type(optimizer).kind
+        self._whole_tensors = self.kind == "tensorwise"
+        """Whether each large param must be a segment of its own, and several small ones carry their starts."""
         self._records: dict[int, tuple[Group, list[torch.Tensor], int, list[Bucket], list[torch.Tensor]]] = {}
         self._owner: dict[torch.Tensor, tuple[Bucket, int]] = {}
         self._compiled: dict[Hashable, CompiledUpdate | None] = {}
@@ -263,7 +288,7 @@ class BucketedExecution:
     def for_mode(cls, optimizer: Steppable, execution: Any) -> BucketedExecution | None:
         """The engine for `execution`, or None for the reference loop."""
         mode = validate_execution(execution)
-        if mode == "reference" or type(optimizer).kind != "elementwise":
+        if mode == "reference" or type(optimizer).kind not in ("elementwise", "tensorwise"):
             return None
         return cls(optimizer, mode)
 
@@ -356,6 +381,7 @@ class BucketedExecution:
             states=[_NO_STATE] * len(params),
             expected_state={key: [None] * len(params) for key in state_buffers},
             large=[param.numel() >= IN_PLACE_GRAD_NUMEL for param in params],
+            tensor_starts=self._tensor_starts(params, offsets, flat_param.device),
         )
         for index, (param, view) in enumerate(zip(params, param_views, strict=True)):
             param.data = view
@@ -367,6 +393,17 @@ class BucketedExecution:
             self._record_state(bucket, index, optimizer.state.get(param, _NO_STATE))
             self._owner[param] = (bucket, index)
         return bucket
+
+    def _tensor_starts(
+        self, params: list[torch.Tensor], offsets: list[int], device: torch.device
+    ) -> torch.Tensor | None:
+        if not self._whole_tensors:
+            return None
+        small = [index for index, param in enumerate(params) if param.numel() < IN_PLACE_GRAD_NUMEL]
+        if not small:
+            return None
+        lengths = torch.tensor([params[index].numel() for index in small])
+        return torch.repeat_interleave(torch.tensor(offsets[: len(small)]), lengths).to(device)
 
     @staticmethod
     def _record_state(bucket: Bucket, index: int, state: State) -> None:
@@ -435,9 +472,24 @@ class BucketedExecution:
             self._step_bucket(group, bucket, same_dicts)
         return leftovers
 
-    def _step_bucket(self, group: Group, bucket: Bucket, same_dicts: bool) -> None:
-        # The usual case (every grad is our view, every param has state at the same step) costs a few
-        # C-level passes over the params and no Python work per param but the step counters.
+    def reduce_group(
+        self, group: Group, collect: Callable[[State, Group, torch.Tensor, torch.Tensor], None]
+    ) -> list[torch.Tensor]:
+        """The first pass (`reduces`) over the group's buckets: `collect(state, group, grad, param)` on each
+        segment, its grads gathered once for the step that follows; return the params the reference loop
+        must do."""
+        buckets, leftovers = self._buckets_of(group)
+        for bucket in buckets:
+            prepared = bucket.prepared = self._prepare(group, bucket, same_dicts=False, rows=False)
+            for first, last, step in prepared.runs:
+                for segment, grad in _segments(bucket, first, last, prepared.in_place, self._whole_tensors):
+                    collect({"step": step, **segment.state}, group, grad, segment.param)
+        return leftovers
+
+    def _prepare(self, group: Group, bucket: Bucket, same_dicts: bool, rows: bool) -> _Prepared:
+        """What a pass over the bucket needs: grads where they can be read (in the buffer, in place, or, when
+        `rows` may read them all where they lie, their addresses), every param with a grad given state,
+        and the runs of consecutive params with a grad and one step count."""
         optimizer = self.optimizer
         params, grad_views, states = bucket.params, bucket.grad_views, bucket.states
         grads = list(map(_GRAD, params))
@@ -447,7 +499,7 @@ class BucketedExecution:
             not all(map(operator.is_, grads, grad_views))
             or list(map(torch.Tensor.data_ptr, grad_views)) != bucket.grad_ptrs
         ):
-            if bucket.compiled is not None and bucket.compiled.calls_rows:
+            if rows and bucket.compiled is not None and bucket.compiled.calls_rows:
                 pointers = _readable_grads(bucket, grads)
             if pointers is None:
                 in_place = self._take_foreign_grads(bucket, grads)
@@ -471,6 +523,15 @@ class BucketedExecution:
                     runs[-1] = (runs[-1][0], index + 1, step)
                 else:
                     runs.append((index, index + 1, step))
+        return _Prepared(grads, in_place, pointers, runs)
+
+    def _step_bucket(self, group: Group, bucket: Bucket, same_dicts: bool) -> None:
+        # The usual case (every grad is our view, every param has state at the same step) costs a few
+        # C-level passes over the params and no Python work per param but the step counters.
+        prepared = bucket.prepared or self._prepare(group, bucket, same_dicts, rows=self.kind == "elementwise")
+        bucket.prepared = None
+        grads, in_place, pointers, runs = prepared
+        params, states = bucket.params, bucket.states
         # Every param has a grad if `pointers` is set; all at one step, or the segments step the runs.
         if pointers is not None and (len(runs) > 1 or not self._step_rows(group, bucket, runs[0][2], pointers)):
             in_place, pointers = self._take_foreign_grads(bucket, grads), None
@@ -535,18 +596,31 @@ class BucketedExecution:
     ) -> None:
         """Step params `first:last`, all at `step`, one call of the update per segment (see `_segments`)."""
         optimizer = self.optimizer
-        scalars = optimizer.step_scalars({"step": step + 1}, group)
-        compiled = self._compiled_for(group, bucket, scalars)
-        packed = None if compiled is None else compiled.pack(scalars)
-        for segment, grad in _segments(bucket, first, last, in_place):
+        base_scalars = optimizer.step_scalars({"step": step + 1}, group)
+        variants: dict[str, tuple[Scalars, CompiledUpdate | None, torch.Tensor | None]] = {}
+        for segment, grad in _segments(bucket, first, last, in_place, self._whole_tensors):
+            # A tensorwise update reduces over a whole param, or over several with their `starts`: two kinds of
+            # call, told apart by a constant in the scalars (so each has its compiled update).
+            extents = "" if not self._whole_tensors else "segmented" if segment.starts is not None else "whole"
+            if extents not in variants:
+                scalars = {**base_scalars, "extents": extents} if extents else base_scalars
+                compiled = self._compiled_for(group, bucket, scalars)
+                variants[extents] = (scalars, compiled, None if compiled is None else compiled.pack(scalars))
+            scalars, compiled, packed = variants[extents]
             if compiled is not None and packed is not None and segment.stop - segment.start >= 2:
                 try:
-                    compiled(segment.param, grad, packed, segment.state_list)
+                    inputs = segment.state_list if segment.starts is None else [*segment.state_list, segment.starts]
+                    compiled(segment.param, grad, packed, inputs)
                     continue
                 except Exception as error:  # Whatever the compiler raises, the eager path still works.
                     self._compile_failed(group, bucket, scalars, error)
-                    compiled = None
+                    variants[extents] = (scalars, None, None)
             length = segment.stop - segment.start
+            if extents:  # A reduction needs the whole segment in one call.
+                eager = {**scalars, "extents": TensorExtents(segment.starts)}
+                optimizer.update({"step": step + 1, **segment.state}, group, grad, segment.param, eager)
+                bucket.eager_work += length
+                continue
             for start in range(0, length, EAGER_CHUNK):
                 stop = min(start + EAGER_CHUNK, length)
                 whole = start == 0 and stop == length
@@ -596,7 +670,15 @@ class BucketedExecution:
         constants = self.optimizer.compile_constants(group)
         tag = f"{id(self):x}_{len(self._compiled)}"
         state_keys = list(bucket.state_buffers)
-        compiled = CompiledUpdate(self.optimizer, constants, state_keys, scalars, bucket.flat_param.device, tag)
+        compiled = CompiledUpdate(
+            self.optimizer,
+            constants,
+            state_keys,
+            scalars,
+            bucket.flat_param.device,
+            tag,
+            direct=self.kind == "elementwise",
+        )
         self._compiled[key] = bucket.compiled = compiled
         return compiled
 
@@ -666,15 +748,18 @@ class BucketedExecution:
 
 
 def _segments(
-    bucket: Bucket, first: int, last: int, in_place: dict[int, torch.Tensor]
+    bucket: Bucket, first: int, last: int, in_place: dict[int, torch.Tensor], whole_tensors: bool = False
 ) -> Iterator[tuple[Segment, torch.Tensor]]:
     """Split params `first:last` into what one call of the update can do: segments of the bucket's buffers,
     each with its grad, the bucket's grad buffer or a grad read in place. Large params come last in a
-    bucket, so when their grads are read in place their smaller neighbours still make one segment."""
+    bucket, so when their grads are read in place their smaller neighbours still make one segment. With
+    `whole_tensors` every large param is a segment of its own (a tensorwise update reduces over it)."""
     offsets = bucket.offsets
     start = offsets[first]
-    for index in range(first, last) if in_place else ():
+    for index in range(first, last) if in_place or whole_tensors else ():
         grad = in_place.get(index)
+        if grad is None and whole_tensors and bucket.large[index]:
+            grad = bucket.segment(offsets[index], offsets[index + 1]).grad
         if grad is not None:
             if start < offsets[index]:
                 segment = bucket.segment(start, offsets[index])

@@ -12,6 +12,7 @@ import math
 import torch
 
 __all__ = [
+    "TensorExtents",
     "adam_step",
     "bias_correction",
     "rectification",
@@ -80,3 +81,27 @@ def adam_step(
         denominator = second_moment.sqrt().div_(bias_correction2_sqrt).add_(eps)
         step_size = lr / bias_correction1
     param.addcdiv_(exp_avg, denominator, value=-step_size)
+
+
+class TensorExtents:
+    """Sums over each whole param of a stretch, for tensorwise updates (`kind = "tensorwise"`).
+
+    `step_param` of such an optimizer finds one in `scalars["extents"]` and takes per-tensor sums and norms
+    through it, so its one definition runs on one param (`starts` None: a plain sum) or on a segment of a
+    bucket holding several (`starts`: for each element, where its param starts in the segment), where each
+    sum is the segmented one over its param's elements, handed back broadcast to every element.
+    """
+
+    def __init__(self, starts: torch.Tensor | None) -> None:
+        self.starts = starts
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """The sum of `values` over each param, broadcastable against `values`."""
+        if self.starts is None:
+            return values.sum()
+        totals = torch.zeros_like(values).index_add_(0, self.starts, values)
+        return totals[self.starts]
+
+    def norm(self, values: torch.Tensor) -> torch.Tensor:
+        """The Euclidean norm of `values` over each param, broadcastable against `values`."""
+        return self.sum(values * values).sqrt()

@@ -20,7 +20,9 @@ Verified against a float64 loop written from apex's code (`tests/reference_famil
 with its argument names and defaults (`weight_decay=0.01`, `eps=1e-6`, `max_grad_norm=1.0`), and cross-checked
 against pytorch_optimizer's `Lamb` where that can agree. `weight_decay=w` (a float) is apex's decay, inside the
 update (group key `weight_decay_in_update`); a `WeightDecay` policy is applied before the update instead.
-Differences: the global norm is a first pass of the base (`reduces`) over every group, with
+Both norms are per-tensor sums of the base (`kind = "tensorwise"`): segmented over the params of a bucket,
+so the fast paths step many tensors in one call. Differences: the global norm is a first pass of the base
+(`reduces`) over every group, with
 `max_grad_norm` read from the first group (apex reads its constructor's); the step counter is per param (apex
 keeps one per group, the same while every param has a grad); `p.grad` is never overwritten (apex writes $u$
 into it); and any float dtype is stepped, in its own precision (apex computes in float32).
@@ -51,7 +53,7 @@ class LAMB(GenericAdaptiveOptimizer):
       without decay too; `adam_w_mode`, `grad_averaging`, `bias_correction` are apex's switches.
     """
 
-    kind = "per_param"  # the trust ratio takes each tensor's norms
+    kind = "tensorwise"  # the trust ratio takes each tensor's norms, through scalars["extents"]
     reduces = True
     group_state: ClassVar[Mapping[str, Any]] = {"grad_divisor": 1.0}
 
@@ -131,7 +133,7 @@ class LAMB(GenericAdaptiveOptimizer):
         rate: Any = scalars["lr"]
         if decay != 0 or group["weight_decay"] != 0 or group["use_nvlamb"]:
             # The trust ratio ||theta|| / ||u||, with theta before the step; 1 where either is 0.
-            param_norm, update_norm = torch.linalg.vector_norm(param), torch.linalg.vector_norm(update)
+            param_norm, update_norm = scalars["extents"].norm(param), scalars["extents"].norm(update)
             ratio = torch.where((param_norm > 0) & (update_norm > 0), param_norm / update_norm, 1.0)
             rate = ratio * scalars["lr"]
         param.add_(update * rate, alpha=-1.0)
