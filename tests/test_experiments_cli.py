@@ -20,6 +20,10 @@ def test_list_shows_every_optimizer_with_summary_paper_and_defaults(capsys: pyte
         assert f"paper:    {info.paper}" in block
         assert "defaults: lr=" in block
     assert "sophia: " in output and "rho=0.03" in output
+    # Functions by name; the schedules that are sized from the run say so.
+    assert "clip_lambda=quarter_power_clip," in output and " at 0x" not in output
+    assert "mnist:    lr=0.001, alpha_warmup, beta3_warmup sized to the run" in output
+    assert "mnist:    lr=0.0025, warmup_steps sized to the run" in output
 
 
 def test_python_dash_m_adaptopt_runs_the_cli(

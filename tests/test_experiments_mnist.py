@@ -12,7 +12,7 @@ import matplotlib.image
 import pytest
 import torch
 
-from adaptopt import Sophia
+from adaptopt import ScheduleFreeAdamW, Sophia, registry
 from adaptopt.experiments import cli, train
 from test_experiments_data import TEST_SIZE, TRAIN_SIZE, isolated_data_locations, one_thread, write_dataset
 
@@ -58,7 +58,7 @@ def numbers(out: Path) -> dict[str, Any]:
 
 def test_outputs_schema_table_and_plots(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    optimizers = "adam,amsgrad,adam_warmup,adam_warmup_cosine_decay,noam,radam,adabelief,sophia,sgd"
+    optimizers = ",".join(registry.available())
     assert run_cli(data_dir, out, "--seed=3", optimizers=optimizers) == 0
     document = json.loads((out / "results.json").read_text())
     assert document["schema_version"] == 1
@@ -86,6 +86,12 @@ def test_outputs_schema_table_and_plots(data_dir: Path, tmp_path: Path, capsys: 
         "lr": 0.001,
         "warmup": 1,
         "total_steps": 2 * STEPS_PER_EPOCH,
+    }
+    assert document["optimizers"]["schedule_free_adamw"]["hyperparameters"] == {"lr": 0.0025, "warmup_steps": 1}
+    assert document["optimizers"]["ademamix"]["hyperparameters"] == {
+        "lr": 0.001,
+        "alpha_warmup": 2 * STEPS_PER_EPOCH,
+        "beta3_warmup": 2 * STEPS_PER_EPOCH,
     }
     # The bright square of the synthetic images is easy: Adam learns it.
     assert document["optimizers"]["adam"]["epochs"][-1]["test_accuracy"] > 0.5
@@ -244,3 +250,80 @@ def test_sampled_labels_follow_the_model(monkeypatch: pytest.MonkeyPatch) -> Non
     run = train.OptimizerRun("sophia", model, optimizer, torch.Generator().manual_seed(0), {})
     train.estimate_sophia_hessian(run, torch.randn(64, 4))
     assert torch.equal(sampled[0], torch.full((64,), 7))
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimizers with modes: Schedule-Free is evaluated and checkpointed at x, trained at y
+
+
+def test_schedule_free_is_evaluated_in_eval_mode_and_trained_in_train_mode(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[str] = []
+    real_step, real_evaluate = ScheduleFreeAdamW.step, train.evaluate
+    optimizers: list[ScheduleFreeAdamW] = []
+
+    def step(self: ScheduleFreeAdamW, closure: Any = None) -> Any:
+        optimizers.append(self)
+        events.append("step" if all(group["train_mode"] for group in self.param_groups) else "step in eval mode")
+        return real_step(self, closure)
+
+    def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+        modes = {group["train_mode"] for optimizer in optimizers[-1:] for group in optimizer.param_groups}
+        events.append(f"evaluate, train_mode {modes}")
+        return real_evaluate(model, images, labels)
+
+    monkeypatch.setattr(ScheduleFreeAdamW, "step", step)
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    out = tmp_path / "out"
+    assert run_cli(data_dir, out, optimizers="schedule_free_adamw") == 0
+    epoch = ["step"] * STEPS_PER_EPOCH + ["evaluate, train_mode {False}"]
+    assert events == epoch + epoch
+    # The checkpoint of the last epoch holds the evaluated weights (x) and the optimizer in eval mode.
+    checkpoint = torch.load(out / "checkpoints/schedule_free_adamw.pt", weights_only=True)
+    groups = checkpoint["optimizer"]["param_groups"]
+    assert [group["train_mode"] for group in groups] == [False] and groups[0]["k"] == 2 * STEPS_PER_EPOCH
+
+
+def test_has_modes_is_about_the_optimizer_not_its_name() -> None:
+    params = [torch.zeros(2, requires_grad=True)]
+    assert train.has_modes(ScheduleFreeAdamW(params))
+    assert not train.has_modes(registry.create("adam", params)) and not train.has_modes(torch.optim.SGD(params))
+    train.set_mode(torch.optim.SGD(params, lr=0.1), training=False)  # nothing to do, no error
+
+
+@pytest.mark.parametrize("when", ["mid-epoch", "while-evaluating"])
+def test_schedule_free_resumes_identically_from_either_mode(
+    when: str, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C mid-epoch saves in train mode; during the evaluation after epoch 1, in eval mode (after it).
+    optimizers = "schedule_free_adamw"
+    assert run_cli(data_dir, tmp_path / "first", optimizers=optimizers) == 0
+    real_train_step, real_evaluate = train.train_step, train.evaluate
+
+    def train_step_then_ctrl_c(run: train.OptimizerRun, *args: Any, **kwargs: Any) -> float:
+        loss = real_train_step(run, *args, **kwargs)
+        if run.steps == STEPS_PER_EPOCH + 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    def ctrl_c_while_evaluating(model: torch.nn.Module, *args: Any) -> tuple[float, float]:
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_evaluate(model, *args)
+
+    if when == "mid-epoch":
+        monkeypatch.setattr(train, "train_step", train_step_then_ctrl_c)
+    else:
+        monkeypatch.setattr(train, "evaluate", ctrl_c_while_evaluating)
+    interrupted = tmp_path / "interrupted"
+    assert run_cli(data_dir, interrupted, optimizers=optimizers) == 130
+    checkpoint = torch.load(interrupted / "checkpoints/schedule_free_adamw.pt", weights_only=True)
+    assert checkpoint["optimizer"]["param_groups"][0]["train_mode"] is (when == "mid-epoch")
+    monkeypatch.setattr(train, "train_step", real_train_step)
+    monkeypatch.setattr(train, "evaluate", real_evaluate)
+    assert run_cli(data_dir, interrupted, "--resume", optimizers=optimizers) == 0
+    assert numbers(interrupted) == numbers(tmp_path / "first")
+    resumed = torch.load(interrupted / "checkpoints/schedule_free_adamw.pt", weights_only=True)
+    uninterrupted = torch.load(tmp_path / "first" / "checkpoints/schedule_free_adamw.pt", weights_only=True)
+    for key, value in uninterrupted["model"].items():
+        assert torch.equal(resumed["model"][key], value), key

@@ -1,4 +1,7 @@
-"""`adaptopt mnist --nproc 2` against `--nproc 1`: the same results, weights and Sophia state up to rounding."""
+"""`adaptopt mnist --nproc 2` against `--nproc 1`: the same results, weights and Sophia state up to rounding.
+
+Schedule-Free is run too, over two epochs, so that the second trains on from the switch to eval mode (for
+rank 0's evaluation and checkpoint) and back."""
 
 from __future__ import annotations
 
@@ -18,17 +21,18 @@ from test_experiments_data import isolated_data_locations, one_thread, write_dat
 # The autouse fixtures: no test here can reach the network, and torch runs on one thread.
 __all__ = ["isolated_data_locations", "one_thread"]
 
-# 67 = 24 + 24 + 19 examples: three steps, and the last batch splits unevenly (10 + 9) between the ranks,
-# which only a size-weighted average of the ranks' grads gets right.
+# 67 = 24 + 24 + 19 examples: three steps an epoch, and the last batch splits unevenly (10 + 9) between the
+# ranks, which only a size-weighted average of the ranks' grads gets right.
 BATCH_SIZE, LIMIT_TRAIN, LIMIT_TEST = 24, 67, 40
+OPTIMIZERS, EPOCHS = ["adam", "sophia", "schedule_free_adamw"], 2
 
 # float32 throughout: two ranks sum each gradient in two halves and then add the halves (and the losses
-# likewise), so the numbers differ from one process's in the last bits. Over these three steps the losses
-# and accuracies measured 1e-8 relative apart and the weights and optimizer states at most 5e-6 in norm,
-# relative; 1e-5 leaves room for other BLAS kernels and still catches a real difference (labels drawn
-# differently, the wrong batch size for the Hessian, unweighted shares), which shows from the first step
-# on. Tensors are compared by norm, not element by element: a coordinate whose averaged gradient is about
-# zero can take the other sign of Sophia's clipped step, which is a few 1e-5 of the largest weight.
+# likewise), so the numbers differ from one process's in the last bits. Over these six steps the losses
+# and accuracies measured at most 2e-7 relative apart and the weights and optimizer states at most 3e-6 in
+# norm, relative; 1e-5 leaves room for other BLAS kernels and still catches a real difference (labels
+# drawn differently, the wrong batch size for the Hessian, unweighted shares), which shows from the first
+# step on. Tensors are compared by norm, not element by element: a coordinate whose averaged gradient is
+# about zero can take the other sign of Sophia's clipped step, which is a few 1e-5 of the largest weight.
 RELATIVE = 1e-5
 
 
@@ -39,8 +43,8 @@ def run_mnist(data_dir: Path, out: Path, nproc: int) -> None:
             "--dataset=mnist",
             f"--data-dir={data_dir}",
             f"--out={out}",
-            "--optimizers=adam,sophia",
-            "--epochs=1",
+            f"--optimizers={','.join(OPTIMIZERS)}",
+            f"--epochs={EPOCHS}",
             f"--batch-size={BATCH_SIZE}",
             f"--limit-train={LIMIT_TRAIN}",
             f"--limit-test={LIMIT_TEST}",
@@ -71,15 +75,16 @@ def test_two_processes_give_the_single_process_results(
     single, parallel = results(tmp_path / "one"), results(tmp_path / "two")
     assert parallel["environment"]["nproc"] == 2
     assert parallel["config"] == single["config"]
-    assert list(parallel["optimizers"]) == ["adam", "sophia"]
+    assert list(parallel["optimizers"]) == OPTIMIZERS
     for name, expected in single["optimizers"].items():
         got = parallel["optimizers"][name]
         assert got["diverged"] is expected["diverged"] is False
-        assert len(got["epochs"]) == len(expected["epochs"]) == 1
-        got_epoch, expected_epoch = got["epochs"][0], expected["epochs"][0]
-        assert got_epoch["steps"] == expected_epoch["steps"] == math.ceil(LIMIT_TRAIN / BATCH_SIZE)
-        for key in ("train_loss", "test_loss", "test_accuracy"):
-            assert got_epoch[key] == pytest.approx(expected_epoch[key], rel=RELATIVE), (name, key)
+        assert len(got["epochs"]) == len(expected["epochs"]) == EPOCHS
+        for epoch, (got_epoch, expected_epoch) in enumerate(zip(got["epochs"], expected["epochs"], strict=True)):
+            steps = (epoch + 1) * math.ceil(LIMIT_TRAIN / BATCH_SIZE)
+            assert got_epoch["steps"] == expected_epoch["steps"] == steps
+            for key in ("train_loss", "test_loss", "test_accuracy"):
+                assert got_epoch[key] == pytest.approx(expected_epoch[key], rel=RELATIVE), (name, epoch, key)
 
         # The checkpoints (rank 0's) hold the weights and, for Sophia, the Hessian estimate: its labels are
         # sampled and it is scaled by the batch size, so it matches only if both are the single process's.

@@ -18,7 +18,14 @@ import torch
 
 from .. import registry
 from . import data
-from .config import DEFAULT_HYPERPARAMETERS, ConfigError, RunConfig, parse_overrides, resolve_hyperparameters
+from .config import (
+    DEFAULT_HYPERPARAMETERS,
+    SIZED_TO_THE_RUN,
+    ConfigError,
+    RunConfig,
+    parse_overrides,
+    resolve_hyperparameters,
+)
 from .train import CheckpointError, Interrupted, OptimizerRun
 
 __all__ = ["build_parser", "main"]
@@ -139,12 +146,19 @@ def command_list() -> int:
         info = registry.describe(name)
         print(f"{name}: {info.summary}")
         print(f"    paper:    {info.paper}")
-        defaults = ", ".join(f"{key}={value!r}" for key, value in info.defaults.items())
+        defaults = ", ".join(f"{key}={_shown(value)}" for key, value in info.defaults.items())
         print(f"    defaults: {defaults}")
         if name in DEFAULT_HYPERPARAMETERS:
-            mnist = ", ".join(f"{key}={value!r}" for key, value in DEFAULT_HYPERPARAMETERS[name].items())
-            print(f"    mnist:    {mnist or 'schedule sized to the run (see docs/experiments.md)'}")
+            mnist = [f"{key}={value!r}" for key, value in DEFAULT_HYPERPARAMETERS[name].items()]
+            if name in SIZED_TO_THE_RUN:
+                mnist.append(f"{', '.join(SIZED_TO_THE_RUN[name])} sized to the run (see docs/experiments.md)")
+            print(f"    mnist:    {', '.join(mnist)}")
     return 0
+
+
+def _shown(value: Any) -> str:
+    """A default as `adaptopt list` shows it: functions by name, not by address."""
+    return str(getattr(value, "__name__", value)) if callable(value) else repr(value)
 
 
 def _device(text: str) -> torch.device:

@@ -10,7 +10,11 @@ $\beta_2 = 0.99$ and $\alpha_t = \alpha/\sqrt t$ forgets the rare large gradient
 so the 100 small ones win and it converges to the worst point, $x = +1$; AMSGrad's $\hat v_t = \max(\hat
 v_{t-1}, v_t)$ remembers it and converges to $-1$. Every step is projected back onto $[-1, 1]$. Noam with
 $d_{model} = 1$ and a warm-up of 1 step is exactly the $\alpha/\sqrt t$ schedule, so it gets no second one.
-This loss has no curvature, so Sophia runs with $h = 0$: clipped sign-momentum steps.
+This loss has no curvature, so Sophia runs with $h = 0$: clipped sign-momentum steps. ADOPT runs without
+its clipping, as analysed in its paper (Taniguchi et al., 2024): the clip bounds the normalised gradient by
+$t^{1/4}$, which here cuts the rare large gradient down to a few times a small one, and it then goes the
+way of Adam; unclipped, it converges to $-1$ with $\beta_2 = 0.99$ as the paper proves. AdEMAMix keeps its
+slow $\beta_3 = 0.9999$ beside the paper's pair.
 
 **Rosenbrock**, $f(x, y) = (1 - x)^2 + 100 (y - x^2)^2$ from $(-1.2, 1)$, minimum at $(1, 1)$. Sophia's
 Hessian estimate is the Gauss-Newton-Bartlett one of a least-squares loss: $f = \tfrac12 \lVert r \rVert^2$
@@ -46,12 +50,20 @@ ROSENBROCK_STEPS = 3000
 _ONLINE_HYPERPARAMETERS: dict[str, dict[str, Any]] = {
     "noam": {"d_model": 1, "warmup": 1},
     "sophia": {"betas": (0.9, 0.99)},
+    "adopt": {"clip_lambda": None},
+    "ademamix": {"betas": (0.9, 0.99, 0.9999)},
     "sgd": {"momentum": 0.0},
 }
 # Rosenbrock: the Adam family at a step that crosses the valley in a few thousand steps; SGD needs
 # lr < 2 / L with L ~ 1300 at the start, Noam's lr is its peak-matching scale for a 5% warm-up. RAdam's and
 # AdaBelief's first steps would be plain SGD at that lr, which flings the point out of the steep valley
-# (measured: to 1e57), so they skip the update until the variance is rectifiable instead.
+# (measured: to 1e57), so they skip the update until the variance is rectifiable instead. Lion's sign steps
+# move each coordinate by lr, so its lr is the precision it ends at: 2e-3. The gradient shrinks by orders of
+# magnitude along the valley, so ADOPT's second moment, which starts at g_0^2 and is not bias-corrected,
+# forgets the start's gradient only with beta2 = 0.99 (with its 0.9999 it ends at (-0.54, 0.30)), and
+# Schedule-Free gets the same beta2. AdEMAMix's slow momentum with beta3 = 0.9999 remembers the whole
+# descent and carries the point out of the curving valley (measured: to (6.5, 42)); 0.999 with the
+# paper's warm-ups over the whole run follows it.
 _ROSENBROCK_HYPERPARAMETERS: dict[str, dict[str, Any]] = {
     "radam": {"degenerate_to_sgd": False},
     "adabelief": {"degenerate_to_sgd": False},
@@ -59,6 +71,14 @@ _ROSENBROCK_HYPERPARAMETERS: dict[str, dict[str, Any]] = {
     "adam_warmup_cosine_decay": {"warmup": ROSENBROCK_STEPS // 20, "total_steps": ROSENBROCK_STEPS},
     "noam": {"warmup": ROSENBROCK_STEPS // 20, "lr": 0.02 * math.sqrt(512 * ROSENBROCK_STEPS // 20)},
     "sophia": {"lr": 0.02, "rho": 0.05},
+    "lion": {"lr": 2e-3},
+    "adopt": {"betas": (0.9, 0.99)},
+    "ademamix": {
+        "betas": (0.9, 0.999, 0.999),
+        "alpha_warmup": ROSENBROCK_STEPS,
+        "beta3_warmup": ROSENBROCK_STEPS,
+    },
+    "schedule_free_adamw": {"betas": (0.9, 0.99), "warmup_steps": ROSENBROCK_STEPS // 20},
     "sgd": {"lr": 5e-4, "momentum": 0.9},
 }
 

@@ -11,6 +11,13 @@ same global batches of `epoch_order`; `train_step` takes this rank's `rank_share
 labels are sampled over the whole global batch from the generator all ranks share, so they are the
 single-process run's labels. Evaluation, logging and checkpoints are rank 0's (the params are identical).
 Without a process group every one of these steps is the identity.
+
+Optimizers with modes (Schedule-Free: param groups with a `"train_mode"`, the official `schedulefree`
+optimizers' convention too) train at one point and are evaluated at another: `train_step` calls
+`optimizer.train()` before every step and the loop calls `optimizer.eval()` after every epoch, on every rank
+(so that the ranks' params stay identical), before evaluating and saving. An epoch's checkpoint therefore
+holds the evaluated weights, with the optimizer in eval mode, and one taken mid-epoch (Ctrl-C) the training
+weights in train mode; the mode is in the optimizer's state dict, so a resumed run continues bitwise either way.
 """
 
 from __future__ import annotations
@@ -44,8 +51,10 @@ __all__ = [
     "StopFlag",
     "epoch_order",
     "evaluate",
+    "has_modes",
     "iterate_batches",
     "run_comparison",
+    "set_mode",
     "train_epoch",
     "train_step",
 ]
@@ -148,6 +157,17 @@ def iterate_batches(
         yield batch_index, images[indices], labels[indices]
 
 
+def has_modes(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer` trains and evaluates at different points (`train()`/`eval()`, Schedule-Free)."""
+    return any("train_mode" in group for group in optimizer.param_groups) and callable(getattr(optimizer, "eval", None))
+
+
+def set_mode(optimizer: torch.optim.Optimizer, training: bool) -> None:
+    """`optimizer.train()` or `optimizer.eval()` for an optimizer with modes; nothing for the others."""
+    if has_modes(optimizer):
+        getattr(optimizer, "train" if training else "eval")()
+
+
 def estimate_sophia_hessian(run: OptimizerRun, images: torch.Tensor, sync_grads: GradSync = no_sync) -> None:
     """Sophia-G's Gauss-Newton-Bartlett estimate: labels sampled from the model's logits, then their loss's grad.
 
@@ -181,6 +201,7 @@ def train_step(
     Returns the mean loss over the global batch.
     """
     run.model.train()
+    set_mode(run.optimizer, training=True)
     run.optimizer.zero_grad(set_to_none=True)
     local_images, local_labels = rank_share(images), rank_share(labels)
     local_count = len(local_labels)
@@ -423,6 +444,7 @@ def run_comparison(
                         f"stopped {run.name} in epoch {epoch + 1} at batch {run.batch_in_epoch}/{steps_per_epoch}; "
                         f"checkpoint saved in {path.parent}"
                     )
+                set_mode(run.optimizer, training=False)  # every rank: the params stay the same everywhere
                 test_loss, test_accuracy = (
                     evaluate(run.model, test_images, test_labels) if rank_zero else (math.nan, math.nan)
                 )
