@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from adaptopt.execution import buckets
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -27,6 +29,7 @@ def test_new_optimizer_example_runs_on_every_path() -> None:
     lion = next(block for block in python_blocks() if "class Lion" in block)
     namespace: dict[str, object] = {}
     exec("import torch\nfrom adaptopt import GenericAdaptiveOptimizer, WeightDecay\n" + lion, namespace)
+    assert "kind" in vars(namespace["Lion"])  # declared, so that the bucketed path takes it
     results = []
     for execution in ("reference", "bucketed"):
         torch.manual_seed(0)
@@ -40,5 +43,6 @@ def test_new_optimizer_example_runs_on_every_path() -> None:
         # Lion moves every coordinate by exactly lr per step (sign updates), 5 steps in all at most.
         assert (model.weight - before).abs().max().item() <= 5e-3 + 1e-15
         assert not torch.equal(model.weight, before)
+        assert len(list(buckets(optimizer))) == (execution == "bucketed")
         results.append(model.weight.detach().clone())
     assert torch.equal(results[0], results[1])
