@@ -104,7 +104,9 @@ elementwise (6e-13 of the param's largest element) in 25 steps. We are bitwise t
 @pytest.mark.parametrize("foreach", [False, True], ids=["loop", "foreach"])
 @pytest.mark.parametrize(("name", "hyper"), ADAFACTOR_CASES, ids=[case[0] for case in ADAFACTOR_CASES])
 def test_adafactor_matches_torch(compare_runs: Any, name: str, hyper: dict[str, Any], foreach: bool) -> None:
-    ours = TorchRun(CONV, lambda params: Adafactor(params, **hyper))
+    # The reference loop: it reads each grad as autograd laid it out, as torch does, so reductions over
+    # a transposed grad round alike (the fast paths copy grads into their buckets: test_..._on_every_path).
+    ours = TorchRun(CONV, lambda params: Adafactor(params, execution="reference", **hyper))
     theirs = TorchRun(CONV, lambda params: torch.optim.Adafactor(params, foreach=foreach, **hyper))
     rtol = FOREACH_RTOL.get(name, 1e-10) if foreach else 1e-10
     compare_runs(
@@ -301,7 +303,7 @@ def test_muon_resumes_identically() -> None:
 def test_torchs_adafactor_checkpoint_resumes_in_ours_and_back() -> None:
     hyper = {"lr": 0.05, "weight_decay": 0.1, "eps": (1e-28, 1e-3)}
     torchs: Factory = lambda params: torch.optim.Adafactor(params, **hyper)  # noqa: E731
-    ours: Factory = lambda params: Adafactor(params, **hyper)  # noqa: E731
+    ours: Factory = lambda params: Adafactor(params, execution="reference", **hyper)  # noqa: E731
     # The torch run goes on in torch; ours loaded from it must follow it step for step, and vice versa.
     _resume_matches(CONV, torchs, load_into=ours)
     _resume_matches(CONV, ours, load_into=torchs)
@@ -377,8 +379,85 @@ def test_adafactor_steps_a_batch_of_params_as_each_alone(shape: tuple[int, ...])
 
 
 @pytest.mark.parametrize("cls", [Adafactor, Muon])
-def test_kind_is_declared_per_param(cls: type) -> None:
-    assert cls.__dict__["kind"] == "per_param"
+def test_kind_is_declared_matrixwise(cls: type) -> None:
+    assert cls.__dict__["kind"] == "matrixwise"
+
+
+# --------------------------------------------------------------------------------------------------
+# Every execution path: buckets stack the params of one shape, stepped as one batch
+
+
+def _deep_problem() -> Problem:
+    """Three hidden matrices of one shape (a stack of three), a head, and biases of one shape (another)."""
+    generator = torch.Generator().manual_seed(77)
+    inputs = torch.randn(STEPS, BATCH, 8, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 3, (STEPS, BATCH), generator=generator)
+    shapes = [(8, 8), (8, 8), (8, 8), (3, 8), (8,), (8,)]
+    initial_values = [0.4 * torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes]
+
+    def loss(params: Sequence[torch.Tensor], step: int) -> torch.Tensor:
+        first, second, third, head, bias1, bias2 = params
+        hidden = torch.tanh(inputs[step] @ first.T + bias1)
+        hidden = torch.tanh(hidden @ second.T + bias2)
+        return F.cross_entropy(torch.tanh(hidden @ third.T) @ head.T, labels[step])
+
+    return Problem("deep", lambda: [v.clone() for v in initial_values], loss, loss)
+
+
+DEEP = _deep_problem()
+DEEP_MATRICES = Problem(
+    "deep matrices",
+    lambda: DEEP.initial()[:4],
+    lambda params, step: DEEP.loss(
+        [*params, torch.zeros(8, dtype=torch.float64), torch.zeros(8, dtype=torch.float64)], step
+    ),
+    DEEP.sampled_loss,
+)
+FAST_PATHS = ["bucketed", "compiled", "auto"]
+
+
+def _stacks(optimizer: torch.optim.Optimizer) -> list[int]:
+    from adaptopt.execution import buckets
+
+    return sorted(len(bucket.params) for bucket in buckets(optimizer))
+
+
+@pytest.mark.parametrize("execution", FAST_PATHS)
+@pytest.mark.parametrize("problem", [CONV, DEEP], ids=["conv", "deep"])
+def test_adafactor_equals_torch_on_every_path(problem: Problem, execution: str, compare_runs: Any) -> None:
+    hyper = {"lr": 0.05, "weight_decay": 0.1}
+    ours = TorchRun(problem, lambda params: Adafactor(params, execution=execution, **hyper))
+    theirs = TorchRun(problem, lambda params: torch.optim.Adafactor(params, foreach=False, **hyper))
+    compare_runs(ours, theirs, reference="torch Adafactor (loop), fast paths", steps=STEPS)
+    # The deep model's three matrices were stepped as one stack; vectors are stacks of their own.
+    assert _stacks(ours.optimizer) == ([1, 1, 1, 3] if problem is DEEP else [1] * 9)
+
+
+@pytest.mark.parametrize("execution", FAST_PATHS)
+def test_muon_float64_equals_the_loop_on_every_path(execution: str, compare_runs: Any) -> None:
+    ours = TorchRun(DEEP_MATRICES, lambda params: Muon(params, lr=0.02, ns_dtype=torch.float64, execution=execution))
+    theirs = ReferenceRun(DEEP_MATRICES, ref.Muon(lr=0.02))
+    compare_runs(ours, theirs, reference="reference_family.Muon (float64), fast paths", steps=STEPS)
+    assert _stacks(ours.optimizer) == [1, 3]
+
+
+@pytest.mark.parametrize("execution", FAST_PATHS)
+def test_muon_bfloat16_fast_paths_equal_the_reference_bitwise(execution: str) -> None:
+    # The stacks' batched products round in bfloat16 as torch's one product per matrix does, and the compiled
+    # update rounds where eager rounds (inductor's `emulate_precision_casts`): bitwise, against torch's Muon
+    # where it exists and our reference loop (equal to it bitwise, above) where it does not.
+    make_reference: Factory = (
+        (lambda params: TORCH_MUON(params, lr=0.02))  # type: ignore[misc]
+        if TORCH_MUON is not None
+        else (lambda params: Muon(params, lr=0.02, execution="reference"))
+    )
+    ours = TorchRun(DEEP_MATRICES, lambda params: Muon(params, lr=0.02, execution=execution))
+    theirs = TorchRun(DEEP_MATRICES, make_reference)
+    for step in range(STEPS):
+        ours.advance(step)
+        theirs.advance(step)
+        assert all(torch.equal(mine, other) for mine, other in zip(ours.params, theirs.params, strict=True)), step
+    assert _stacks(ours.optimizer) == [1, 3]
 
 
 # --------------------------------------------------------------------------------------------------

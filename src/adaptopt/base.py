@@ -61,10 +61,11 @@ from .weight_decay import WeightDecay, apply_weight_decay
 
 __all__ = ["KINDS", "CommonOptions", "GenericAdaptiveOptimizer", "Group", "ParamsT", "Scalars", "State", "as_real"]
 
-KINDS = ("per_param", "elementwise", "tensorwise")
+KINDS = ("per_param", "elementwise", "tensorwise", "matrixwise")
 """What `step_param` may be run on: one whole parameter at a time; any slice of a bucket of parameters; or a
 stretch of a bucket holding whole params, with per-param sums taken through `scalars["extents"]`
-(`functional.TensorExtents`)."""
+(`functional.TensorExtents`); or a stack of params of one shape, with a leading dim (`scalars["batch_dims"]`
+is then 1), for math over matrices."""
 
 ParamsT: TypeAlias = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 State: TypeAlias = dict[str, Any]

@@ -223,6 +223,7 @@ class CompiledUpdate:
         tag: str,
         *,
         direct: bool = True,
+        dynamic: bool = True,
     ) -> None:
         keys = tuple(state_keys)
         self.names = scalar_names = tuple(name for name, value in scalars.items() if isinstance(value, float))
@@ -243,6 +244,8 @@ class CompiledUpdate:
 
         self._update, self._tag = update, tag
         self._direct = direct
+        self._dynamic = dynamic
+        """Whether the length (dim 0) is dynamic; a stacked update is compiled for its shape."""
         """Whether the kernel may be called directly and over rows: for elementwise updates only, as rows
         split a param's elements among threads, and the argument plans know flat inputs of one length."""
         self._single_threaded = (
@@ -275,8 +278,16 @@ class CompiledUpdate:
         update = self._update
         code = update.__code__.replace(co_name=f"adaptopt_update_{self._tag}{suffix}")
         function = types.FunctionType(code, update.__globals__, code.co_name, None, update.__closure__)
-        backend = self._compile if internals.kernel_keeping_available() else "inductor"
+        backend: Any = "inductor"
+        if internals.kernel_keeping_available():
+            backend = self._compile if self._direct else self._compile_plain
         return torch.compile(function, fullgraph=True, dynamic=False, backend=backend)
+
+    @staticmethod
+    def _compile_plain(graph_module: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        """Dynamo's backend for updates whose kernel is not called directly: inductor, as it is."""
+        CompiledUpdate.compilations += 1
+        return internals.compile_plain(graph_module, example_inputs)
 
     @property
     def direct(self) -> bool:
@@ -344,7 +355,7 @@ class CompiledUpdate:
             assert self._kernel is not None
             self._kernel(list(self._arguments((param, grad, packed, *state, param.shape[0]))))
             return
-        for tensor in (param, grad, *state):
+        for tensor in (param, grad, *state) if self._dynamic else ():
             internals.mark_dynamic(tensor, 0)
         if self._kernel is None and param.device.type == "cpu" and self._direct:
             self._probe = (param, grad, packed, *state)

@@ -90,6 +90,10 @@ sets grads to None, so backward hands over new tensors) is stepped reading that 
 segment of its own: one more call of the update instead of two more passes over the grad to copy it into
 the bucket. Smaller grads are copied, as one call costs more than their copy."""
 
+BATCH_DIMS = "batch_dims"
+"""Scalars key: how many leading dims of the tensors handed to a matrixwise `step_param` stack params (the
+reference loop hands one param: 0, or no key)."""
+
 COMPILED_VARIANTS = 8
 """Compiled updates an optimizer may make (one per set of hyper-parameters and branch); past that, say when
 a scheduler changes `betas` every step, the new variants run eagerly."""
@@ -205,6 +209,9 @@ class Bucket:
     tensor_starts: torch.Tensor | None = None
     """For a tensorwise optimizer: per element of the small params, the offset where its param starts (the
     large params are segments of their own, and need none)."""
+    stack_shape: tuple[int, ...] | None = None
+    """For a matrixwise optimizer: the shape of each of the bucket's params, stacked along a leading dim (the
+    state buffers are stacked alike: `(len(params), *state_shape)`)."""
     prepared: _Prepared | None = None
     """The first pass's (`reduce_group`) preparation of this step, for the step to use."""
 
@@ -233,7 +240,14 @@ class Bucket:
         return found
 
     def views(self, start: int, stop: int) -> Segment:
-        """Elements `start:stop` of the buffers, as real tensors (made anew)."""
+        """Elements `start:stop` of the buffers, as real tensors (made anew); stacked, with a leading dim of
+        params, for a matrixwise optimizer."""
+        if self.stack_shape is not None:
+            first, last = self.offsets.index(start), self.offsets.index(stop)
+            shape = (last - first, *self.stack_shape)
+            state = {key: buffer[first:last] for key, buffer in self.state_buffers.items()}
+            param, grad = self.flat_param[start:stop].view(shape), self.flat_grad[start:stop].view(shape)
+            return Segment(start, stop, param, grad, state, list(state.values()))
         state = {key: buffer[start:stop] for key, buffer in self.state_buffers.items()}
         param, grad = _real(self.flat_param[start:stop]), _real(self.flat_grad[start:stop])
         starts = None
@@ -276,6 +290,8 @@ class BucketedExecution:
         self.mode = mode
         self.kind = type(optimizer).kind
         self._whole_tensors = self.kind == "tensorwise"
+        self._stacked = self.kind == "matrixwise"
+        """Whether buckets stack params of one shape, stepped as one batch (a leading dim)."""
         """Whether each large param must be a segment of its own, and several small ones carry their starts."""
         self._records: dict[int, tuple[Group, list[torch.Tensor], int, list[Bucket], list[torch.Tensor]]] = {}
         self._owner: dict[torch.Tensor, tuple[Bucket, int]] = {}
@@ -288,7 +304,7 @@ class BucketedExecution:
     def for_mode(cls, optimizer: Steppable, execution: Any) -> BucketedExecution | None:
         """The engine for `execution`, or None for the reference loop."""
         mode = validate_execution(execution)
-        if mode == "reference" or type(optimizer).kind not in ("elementwise", "tensorwise"):
+        if mode == "reference" or type(optimizer).kind not in ("elementwise", "tensorwise", "matrixwise"):
             return None
         return cls(optimizer, mode)
 
@@ -321,11 +337,16 @@ class BucketedExecution:
                         homed.add(param)
                     old_grad_views[param] = grad_view
                     del self._owner[param]
-        by_place: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        by_place: dict[tuple[Any, ...], list[torch.Tensor]] = {}
         leftovers = []
         for param in group["params"]:
-            if _can_join_bucket(param) and (param in homed or internals.owns_its_storage(param)):
-                by_place.setdefault((param.device, param.dtype), []).append(param)
+            stackable = not self._stacked or (param.is_contiguous() and not param.is_complex())
+            if stackable and _can_join_bucket(param) and (param in homed or internals.owns_its_storage(param)):
+                # Matrices of one shape share a stack; a vector or a scalar is a stack of its own (stacked
+                # vectors hit an inductor fault in torch 2.13, KeyError in its outer-loop fusion).
+                shape: tuple[Any, ...] = () if not self._stacked else (id(param),) if param.dim() < 2 else param.shape
+                shape = tuple(shape)
+                by_place.setdefault((param.device, param.dtype, shape), []).append(param)
             else:
                 leftovers.append(param)
         buckets = []
@@ -349,22 +370,36 @@ class BucketedExecution:
         flat_param = bucket_buffer(offsets[-1], params[0].dtype, params[0].device)
         real_shape = _real(flat_param).shape
         fresh: State = {}
-        optimizer.initialize_state(fresh, group, flat_param)
+        # Stacked params of one shape: the state of one of them, stacked as many times, and otherwise the state
+        # of the whole flat buffer, which an elementwise or tensorwise optimizer must shape as the buffer.
+        optimizer.initialize_state(fresh, group, params[0].detach().to("meta") if self._stacked else flat_param)
         created = {key: value for key, value in fresh.items() if key != "step"}
         if not all(
-            isinstance(value, torch.Tensor) and value.shape == real_shape and value.is_contiguous()
+            isinstance(value, torch.Tensor) and (self._stacked or value.shape == real_shape) and value.is_contiguous()
             for value in created.values()
         ):
             return None  # Not elementwise state after all: the reference loop keeps these params.
-        state_buffers = {key: as_bucket_buffer(value) for key, value in created.items()}
+        if self._stacked:
+            count = len(params)
+            state_buffers = {
+                key: bucket_buffer(count * value.numel(), value.dtype, flat_param.device)
+                .zero_()
+                .view(count, *value.shape)
+                for key, value in created.items()
+            }
+        else:
+            state_buffers = {key: as_bucket_buffer(value) for key, value in created.items()}
         elements = 2 if flat_param.is_complex() else 1
         flat_grad = bucket_buffer(flat_param.numel(), flat_param.dtype, flat_param.device).zero_()
         param_views = [_alias(flat_param, offset, param) for param, offset in zip(params, offsets, strict=False)]
         internals.foreach_copy_(param_views, [param.detach() for param in params])
         grad_views = [_alias(flat_grad, offset, param) for param, offset in zip(params, offsets, strict=False)]
         state_views = [
-            {key: _alias(buffer, offset * elements, _real(param)) for key, buffer in state_buffers.items()}
-            for param, offset in zip(params, offsets, strict=False)
+            {
+                key: buffer[index] if self._stacked else _alias(buffer, offset * elements, _real(param))
+                for key, buffer in state_buffers.items()
+            }
+            for index, (param, offset) in enumerate(zip(params, offsets, strict=False))
         ]
         bucket = Bucket(
             params=params,
@@ -382,6 +417,7 @@ class BucketedExecution:
             expected_state={key: [None] * len(params) for key in state_buffers},
             large=[param.numel() >= IN_PLACE_GRAD_NUMEL for param in params],
             tensor_starts=self._tensor_starts(params, offsets, flat_param.device),
+            stack_shape=tuple(params[0].shape) if self._stacked else None,
         )
         for index, (param, view) in enumerate(zip(params, param_views, strict=True)):
             param.data = view
@@ -557,7 +593,7 @@ class BucketedExecution:
                     targets.append(view)
                     sources.append(bucket.reclaim_grad(index))
                 continue
-            if large and _same_layout(grad, view):
+            if large and not self._stacked and _same_layout(grad, view):
                 in_place[index] = _real(
                     grad.view(-1) if grad.is_contiguous() else grad.as_strided((grad.numel(),), (1,))
                 )
@@ -597,6 +633,9 @@ class BucketedExecution:
         """Step params `first:last`, all at `step`, one call of the update per segment (see `_segments`)."""
         optimizer = self.optimizer
         base_scalars = optimizer.step_scalars({"step": step + 1}, group)
+        if self._stacked:
+            self._step_stack(group, bucket, first, last, step, base_scalars)
+            return
         variants: dict[str, tuple[Scalars, CompiledUpdate | None, torch.Tensor | None]] = {}
         for segment, grad in _segments(bucket, first, last, in_place, self._whole_tensors):
             # A tensorwise update reduces over a whole param, or over several with their `starts`: two kinds of
@@ -629,6 +668,30 @@ class BucketedExecution:
                 optimizer.update({"step": step + 1, **state}, group, grad[start:stop], param, scalars)
             bucket.eager_work += length
 
+    def _step_stack(
+        self, group: Group, bucket: Bucket, first: int, last: int, step: int, base_scalars: Scalars
+    ) -> None:
+        """Step params `first:last` of a stacked bucket as one batch: tensors of `(last - first, *shape)`, the
+        compiled update specialised to that shape (matrix products are fastest at a known size)."""
+        segment = bucket.segment(bucket.offsets[first], bucket.offsets[last])
+        param, grad, state = segment.param, segment.grad, segment.state
+        if last - first == 1 and param.dim() > 1:
+            # A stack of one is stepped as the param itself, so that it rounds as the reference loop does (not
+            # a 0-d param: inductor drops the writes to a 0-d input).
+            param, grad, state = param[0], grad[0], {key: value[0] for key, value in state.items()}
+            scalars = {**base_scalars, "stack": tuple(param.shape)}
+        else:
+            scalars = {**base_scalars, BATCH_DIMS: 1, "stack": tuple(param.shape)}
+        compiled = self._compiled_for(group, bucket, scalars)
+        if compiled is not None:
+            try:
+                compiled(param, grad, compiled.pack(scalars), list(state.values()))
+                return
+            except Exception as error:  # Whatever the compiler raises, the eager path still works.
+                self._compile_failed(group, bucket, scalars, error)
+        self.optimizer.update({"step": step + 1, **state}, group, grad, param, scalars)
+        bucket.eager_work += segment.stop - segment.start
+
     def _compiled_for(self, group: Group, bucket: Bucket, scalars: Scalars) -> CompiledUpdate | None:
         """The compiled update for this step of `bucket`, made on first use, or None to run eagerly."""
         if self.mode == "bucketed" or bucket.compile_failed:
@@ -659,7 +722,8 @@ class BucketedExecution:
             if not internals.dynamo_supported():  # Otherwise an internal is missing, and it has said so.
                 _warn_once("unsupported", "adaptopt: torch.compile is not supported here; running buckets eagerly")
             return None
-        if sum(compiled is not None for compiled in self._compiled.values()) >= COMPILED_VARIANTS:
+        limit = COMPILED_VARIANTS * (8 if self._stacked else 1)  # stacked: one per shape, too
+        if sum(compiled is not None for compiled in self._compiled.values()) >= limit:
             _warn_once(
                 "variants",
                 f"adaptopt: hyper-parameters took more than {COMPILED_VARIANTS} compiled sets of values (a scheduler "
@@ -678,6 +742,7 @@ class BucketedExecution:
             bucket.flat_param.device,
             tag,
             direct=self.kind == "elementwise",
+            dynamic=not self._stacked,
         )
         self._compiled[key] = bucket.compiled = compiled
         return compiled

@@ -64,6 +64,8 @@ INTERNALS: dict[str, str] = {
     "straight into inductor's kernel",
     "torch._inductor.config.size_asserts": "compiled kernels re-check their inputs' sizes on every call",
     "torch._inductor.config.cpp.threads": "compiled updates run as one parallel kernel per param, not as rows",
+    "torch._inductor.config.emulate_precision_casts": "compiled updates that compute in bfloat16 (Muon's "
+    "Newton-Schulz) round otherwise than eager ones: within bfloat16's precision of them, not bitwise",
     "torch._functorch.config.enable_autograd_cache": "compiled updates go through torch.compile's public path, "
     "not straight into inductor's kernel",
     "CompiledFxGraph.current_callable": "compiled updates go through torch.compile's public path, not straight "
@@ -260,6 +262,20 @@ def inductor_setting_available(setting: str) -> bool:
 def kernel_keeping_available() -> bool:
     """Whether `compile_keeping_kernel` can run at all (else compile with the public `backend="inductor"`)."""
     return all(available(f"torch._inductor.compile_fx.{name}") for name in ("compile_fx", "compile_fx_inner"))
+
+
+def compile_plain(graph_module: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+    """Inductor's compiled `graph_module`, as `backend="inductor"` would make it (check
+    `kernel_keeping_available()` first): for updates whose kernel is not called directly."""
+    compile_fx = lookup("torch._inductor.compile_fx.compile_fx")
+    assert compile_fx is not None, "check kernel_keeping_available() first"
+    # Low-precision results rounded where eager rounds them: a compiled bfloat16 Newton-Schulz then equals
+    # the eager one (and torch's Muon) bitwise, where it would otherwise drift a few percent per step.
+    setting = "emulate_precision_casts"
+    applied = {setting: True} if inductor_setting_available(setting) else {}
+    with importlib.import_module("torch._inductor.config").patch(applied):
+        compiled: Callable[..., Any] = compile_fx(graph_module, example_inputs)
+    return compiled
 
 
 _CURRENT_CALLABLE = "current_callable"

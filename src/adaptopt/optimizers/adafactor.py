@@ -49,12 +49,12 @@ import torch
 from typing_extensions import Unpack
 
 from ..base import CommonOptions, GenericAdaptiveOptimizer, Group, ParamsT, Scalars, State
+from ..execution import BATCH_DIMS
 from ..validation import _in_range, _non_negative
 from ..weight_decay import WeightDecay
 
 __all__ = [
     "ADAFACTOR_CHECKS",
-    "BATCH_DIMS",
     "Adafactor",
     "factored_second_moment",
     "per_param_norm",
@@ -65,8 +65,6 @@ __all__ = [
 # leading dims: the factored moments use dims -1 and -2 only (with keepdim and a batched matmul), and the
 # reductions over a whole param (its RMS, the update's) skip the first `batch_dims` dims. The reference loop
 # steps one param at a time (batch_dims 0); a batched path passes `"batch_dims"` in the scalars.
-BATCH_DIMS = "batch_dims"
-"""Scalars key: how many leading dims of the tensors handed to `update`/`step_param` stack params (0 if absent)."""
 
 
 def per_param_norm(tensor: torch.Tensor, batch_dims: int = 0) -> torch.Tensor:
@@ -164,7 +162,7 @@ class Adafactor(GenericAdaptiveOptimizer):
     * `weight_decay` is a `WeightDecay` policy or a float, meaning torch's decoupled decay.
     """
 
-    kind = "per_param"  # RMS(theta) and RMS(U) are taken over whole params: not elementwise
+    kind = "matrixwise"  # RMS(theta) and RMS(U) over whole params, moments over the last two dims
 
     def __init__(
         self,

@@ -216,7 +216,7 @@ class Muon(GenericAdaptiveOptimizer):
     * `adjust_lr_fn`: the update's scale $s(m, n)$, `"original"` (None) or `"match_rms_adamw"`.
     """
 
-    kind = "per_param"  # the orthogonalization reads a whole matrix: not elementwise
+    kind = "matrixwise"  # the orthogonalization reads a whole matrix: not elementwise
 
     def __init__(
         self,
