@@ -87,15 +87,16 @@ CASES: tuple[Case, ...] = (
     Case("radam", adaptopt.RAdam, dict(lr=1e-2, weight_decay=0.1)),
     Case("adabelief", adaptopt.AdaBelief, dict(lr=1e-2, weight_decay=WeightDecay(0.05, weight_decouple=False))),
     Case("sophia", adaptopt.Sophia, dict(lr=1e-2, rho=0.05, weight_decay=WeightDecay(0.1))),
-    Case("lion", adaptopt.Lion, dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=WeightDecay(0.1))),
+    # Floats with each reference's own meaning (`own_weight_decay`), which ZeRO copies into the groups again.
+    Case("lion", adaptopt.Lion, dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, decoupled_weight_decay=True)),
     # ADOPT's first step only initialises v: the other nine update.
-    Case("adopt", adaptopt.ADOPT, dict(lr=1e-2, weight_decay=WeightDecay(0.05, weight_decouple=False))),
+    Case("adopt", adaptopt.ADOPT, dict(lr=1e-2, weight_decay=0.05, decouple=True)),
     Case("ademamix", adaptopt.AdEMAMix, dict(lr=1e-2, alpha_warmup=4, beta3_warmup=6, weight_decay=0.1)),
     # Its per-group state (k, the weight sum) must travel with ZeRO's groups and FSDP's checkpoints.
     Case(
         "schedule_free_adamw",
         adaptopt.ScheduleFreeAdamW,
-        dict(lr=1e-2, warmup_steps=3, weight_decay=WeightDecay(0.01)),
+        dict(lr=1e-2, warmup_steps=3, weight_decay=0.01),
     ),
 )
 

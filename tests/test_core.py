@@ -82,8 +82,6 @@ INVALID: list[tuple[str, Any, str]] = [
     ("r", -0.5, r"r must be in \[0, inf\), got -0.5"),
     ("weight_lr_power", -2.0, r"weight_lr_power must be in \[0, inf\)"),
 ]
-"""A float `weight_decay` of ScheduleFreeAdamW is its decay at y, stored (and named in errors) as the group
-key `weight_decay_at_y`; in a param group, `weight_decay` is the shared policy's coefficient there too."""
 INVALID_CASES = [
     pytest.param(c, name, value, message, id=f"{c.__name__}-{name}={value}")
     for name, value, message in INVALID
@@ -192,15 +190,8 @@ WRONG_TYPES: list[tuple[str, Any, str]] = [
 ]
 
 
-def wrong_type_message(optimizer_class: type, name: str, message: str) -> str:
-    # ScheduleFreeAdamW takes a float weight_decay as its decay at y and checks it under that group key.
-    if optimizer_class is ScheduleFreeAdamW and name == "weight_decay":
-        return r"weight_decay_at_y must be a real number"
-    return message
-
-
 WRONG_TYPE_CASES = [
-    pytest.param(c, name, value, wrong_type_message(c, name, message), id=f"{c.__name__}-{name}={value!r}")
+    pytest.param(c, name, value, message, id=f"{c.__name__}-{name}={value!r}")
     for name, value, message in WRONG_TYPES
     for c in OPTIMIZER_CLASSES
     if applies(c, name, value) or name == "maximize"
@@ -214,9 +205,10 @@ def test_wrong_type_in_constructor(optimizer_class: type, name: str, value: Any,
 
 
 CONSTRUCTOR_ONLY = ("weight_decay", "decouple")
-"""Arguments that are not group keys as such: a float `weight_decay` becomes a policy's keys (or Schedule-Free's
-`weight_decay_at_y`); ADOPT's `decouple` picks the policy's mode. Lion's `decoupled_weight_decay` is both: in
-the constructor it divides the decay by lr, in a group it is the policy's flag, a bool either way."""
+"""Arguments that are not group keys as such: a float `weight_decay` becomes a policy's keys (or the
+optimizer's own, `own_weight_decay`); ADOPT's `decouple` is checked as a bool in both. Lion's
+`decoupled_weight_decay` is both: in the constructor it divides the decay by lr, in a group it is the policy's
+flag, a bool either way."""
 GROUP_WRONG_TYPES = [case for case in WRONG_TYPE_CASES if case.values[1] not in CONSTRUCTOR_ONLY]
 
 

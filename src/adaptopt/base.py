@@ -107,6 +107,12 @@ class GenericAdaptiveOptimizer(Optimizer):
     """Per-group state carried across steps, by key, with its initial value (see the module docstring); a key
     that is also a hyper-parameter in the defaults starts from the default."""
 
+    own_weight_decay: ClassVar[bool] = False
+    """Whether a float `weight_decay` means the optimizer's own decay (its reference's), which `step_param`
+    applies where `group["weight_decay_policy"]` is False; a `WeightDecay` policy is the base's all the same.
+    The coefficient stays under `weight_decay`, so ZeroRedundancyOptimizer, which copies its groups' entries
+    into ours, hands over the same number."""
+
     reduces: ClassVar[bool] = False
     """Whether a step first needs sums over every param of every group (Prodigy's estimate of the distance
     to the solution, LAMB's global grad norm): `reduce_param` is then run over all of them, and
@@ -129,7 +135,14 @@ class GenericAdaptiveOptimizer(Optimizer):
         execution: str = "auto",
     ) -> None:
         policy = WeightDecay.coerce(weight_decay)
-        defaults = {**defaults, **policy.group_defaults(), "maximize": maximize}
+        decay = policy.group_defaults()
+        if type(self).own_weight_decay and not isinstance(weight_decay, WeightDecay):
+            decay = {
+                **WeightDecay().group_defaults(),
+                "weight_decay": policy.weight_decay,
+                "weight_decay_policy": False,
+            }
+        defaults = {**defaults, **decay, "maximize": maximize}
         defaults.update(master_weights=master_weights, state_dtype=storage_dtype_name(state_dtype))
         validate_group(defaults)
         # Before super().__init__, which calls add_param_group.

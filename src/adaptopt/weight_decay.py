@@ -82,6 +82,7 @@ class WeightDecay:
             "decoupled_weight_decay": self.weight_decouple,
             "weight_decay_absolute": self.absolute,
             "weight_decay_l1": self.l1,
+            "weight_decay_policy": True,
         }
 
 
@@ -92,7 +93,7 @@ def apply_weight_decay(param: torch.Tensor, grad: torch.Tensor, group: dict[str,
     and return a new tensor, so the caller's `p.grad` is never modified.
     """
     decay = group["weight_decay"]
-    if decay == 0.0:
+    if decay == 0.0 or not group.get("weight_decay_policy", True):
         return grad
     direction = param.sign() if group["weight_decay_l1"] else param
     if not group["decoupled_weight_decay"]:

@@ -16,9 +16,10 @@ is still a poor estimate.
 Verified against the authors' code (github iShohei220/adopt, `adopt.py`), whose argument names and defaults we
 take: `weight_decay=w` (a float) is coupled L2, $g_t \leftarrow g_t + w \theta_{t-1}$ (in $v_0$ too), or with
 `decouple=True` decoupled decay $\theta \leftarrow \theta (1 - \eta_t w)$ from the second step on, as there
-(the group key of the latter is `decay_after_first_step`; a `WeightDecay` policy decays on every step). The
-default `clip_lambda` is a named function, not a lambda, so that param groups (and so checkpoints) can be
-pickled. pytorch_optimizer's `ADOPT` differs from the authors' code: tests/test_family.py has the list.
+(`own_weight_decay`: the keys are theirs, `weight_decay` and `decouple`; a `WeightDecay` policy decays on
+every step). The default `clip_lambda` is a named function, not a lambda, so that param groups (and so
+checkpoints) can be pickled. pytorch_optimizer's `ADOPT` differs from the authors' code: tests/test_family.py
+has the list.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class ADOPT(GenericAdaptiveOptimizer):
     """
 
     kind = "elementwise"
+    own_weight_decay = True
 
     def __init__(
         self,
@@ -66,14 +68,7 @@ class ADOPT(GenericAdaptiveOptimizer):
             raise TypeError(f"clip_lambda must be a function of the step or None, got {type(clip_lambda).__name__}")
         if not isinstance(decouple, bool):
             raise TypeError(f"decouple must be a bool, got {type(decouple).__name__}")
-        decay_after_first_step = 0.0
-        if not isinstance(weight_decay, WeightDecay):
-            coefficient = WeightDecay.coerce(weight_decay).weight_decay
-            weight_decay = WeightDecay() if decouple else WeightDecay(coefficient, weight_decouple=False)
-            decay_after_first_step = coefficient if decouple else 0.0
-        defaults: dict[str, Any] = dict(
-            lr=lr, betas=betas, eps=eps, clip_lambda=clip_lambda, decay_after_first_step=decay_after_first_step
-        )
+        defaults: dict[str, Any] = dict(lr=lr, betas=betas, eps=eps, clip_lambda=clip_lambda, decouple=decouple)
         super().__init__(params, defaults, weight_decay=weight_decay, **options)
 
     def init_state(self, state: State, group: Group, param: torch.Tensor) -> None:
@@ -90,11 +85,14 @@ class ADOPT(GenericAdaptiveOptimizer):
     def step_param(self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor, scalars: Scalars) -> None:
         beta1, beta2 = group["betas"]
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        own_decay = 0.0 if group["weight_decay_policy"] else group["weight_decay"]
+        if own_decay != 0 and not group["decouple"]:
+            grad = grad.add(param, alpha=own_decay)  # the authors' L2, in v_0 too
         if scalars["first"]:
             exp_avg_sq.addcmul_(grad, grad)  # v_0 = g_0^2
             return
-        if group["decay_after_first_step"] != 0:
-            param.mul_(1.0 - scalars["lr"] * group["decay_after_first_step"])
+        if own_decay != 0 and group["decouple"]:
+            param.mul_(1.0 - scalars["lr"] * own_decay)
         normalized = grad / exp_avg_sq.sqrt().clamp_(min=group["eps"])
         if scalars["clip"] is not None:
             normalized.clamp_(-scalars["clip"], scalars["clip"])

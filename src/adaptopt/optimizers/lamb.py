@@ -18,14 +18,13 @@ clipped gradient instead (L2), `grad_averaging=False` drops the $(1 - \beta_1)$ 
 
 Verified against a float64 loop written from apex's code (`tests/reference_family.py`, apex is CUDA-only),
 with its argument names and defaults (`weight_decay=0.01`, `eps=1e-6`, `max_grad_norm=1.0`), and cross-checked
-against pytorch_optimizer's `Lamb` where that can agree. `weight_decay=w` (a float) is apex's decay, inside the
-update (group key `weight_decay_in_update`); a `WeightDecay` policy is applied before the update instead.
-Both norms are per-tensor sums of the base (`kind = "tensorwise"`): segmented over the params of a bucket,
-so the fast paths step many tensors in one call. Differences: the global norm is a first pass of the base
-(`reduces`) over every group, with
-`max_grad_norm` read from the first group (apex reads its constructor's); the step counter is per param (apex
-keeps one per group, the same while every param has a grad); `p.grad` is never overwritten (apex writes $u$
-into it); and any float dtype is stepped, in its own precision (apex computes in float32).
+against pytorch_optimizer's `Lamb` where that can agree. `weight_decay=w` (a float) is apex's decay, inside
+the update (`own_weight_decay`); a `WeightDecay` policy is applied before the update instead. Both norms are
+per-tensor sums of the base (`kind = "tensorwise"`): segmented over the params of a bucket, so the fast paths
+step many tensors in one call. Differences: the global norm is a first pass of the base (`reduces`) over every
+group, with `max_grad_norm` read from the first group (apex reads its constructor's); the step counter is per
+param (apex keeps one per group, the same while every param has a grad); `p.grad` is never overwritten (apex
+writes $u$ into it); and any float dtype is stepped, in its own precision (apex computes in float32).
 """
 
 from __future__ import annotations
@@ -53,6 +52,7 @@ class LAMB(GenericAdaptiveOptimizer):
       without decay too; `adam_w_mode`, `grad_averaging`, `bias_correction` are apex's switches.
     """
 
+    own_weight_decay = True
     kind = "tensorwise"  # the trust ratio takes each tensor's norms, through scalars["extents"]
     reduces = True
     group_state: ClassVar[Mapping[str, Any]] = {"grad_divisor": 1.0}
@@ -72,20 +72,17 @@ class LAMB(GenericAdaptiveOptimizer):
         use_nvlamb: bool = False,
         **options: Unpack[CommonOptions],
     ) -> None:
-        in_update = 0.0 if isinstance(weight_decay, WeightDecay) else weight_decay
-        policy = weight_decay if isinstance(weight_decay, WeightDecay) else WeightDecay()
         defaults: dict[str, Any] = dict(
             lr=lr,
             bias_correction=bias_correction,
             betas=betas,
             eps=eps,
-            weight_decay_in_update=in_update,
             adam_w_mode=adam_w_mode,
             grad_averaging=grad_averaging,
             max_grad_norm=max_grad_norm,
             use_nvlamb=use_nvlamb,
         )
-        super().__init__(params, defaults, weight_decay=policy, **options)
+        super().__init__(params, defaults, weight_decay=weight_decay, **options)
 
     def init_state(self, state: State, group: Group, param: torch.Tensor) -> None:
         state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
@@ -118,7 +115,7 @@ class LAMB(GenericAdaptiveOptimizer):
 
     def step_param(self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor, scalars: Scalars) -> None:
         beta1, beta2 = group["betas"]
-        decay = group["weight_decay_in_update"]
+        decay = 0.0 if group["weight_decay_policy"] else group["weight_decay"]
         clipped = grad / scalars["grad_divisor"]
         if decay != 0 and not group["adam_w_mode"]:
             clipped.add_(param, alpha=decay)
@@ -131,7 +128,7 @@ class LAMB(GenericAdaptiveOptimizer):
         if decay != 0 and group["adam_w_mode"]:
             update.add_(param, alpha=decay)
         rate: Any = scalars["lr"]
-        if decay != 0 or group["weight_decay"] != 0 or group["use_nvlamb"]:
+        if group["weight_decay"] != 0 or group["use_nvlamb"]:
             # The trust ratio ||theta|| / ||u||, with theta before the step; 1 where either is 0.
             param_norm, update_norm = scalars["extents"].norm(param), scalars["extents"].norm(update)
             ratio = torch.where((param_norm > 0) & (update_norm > 0), param_norm / update_norm, 1.0)

@@ -18,7 +18,7 @@ argument names, defaults and order of operations:
 * `weight_decay=w` (a float) is its decoupled decay, $\theta \leftarrow \theta (1 - \eta_t w)$, applied
   before the update (a `WeightDecay` policy works too);
 * `decoupled_weight_decay=True` divides `w` by the initial `lr` (its option of the same name), so that the
-  decay per step is $w \eta_t / \eta_0$, independent of the rate's scale.
+  decay per step is $w \eta_t / \eta_0$, independent of the rate's scale (group key `decay_rate_divisor`).
 
 We differ in what we add: validation with `ValueError`s (the official code asserts), `maximize`, buckets and
 compilation instead of its optional Triton kernel (`use_triton` is not taken).
@@ -46,6 +46,7 @@ class Lion(GenericAdaptiveOptimizer):
     """
 
     kind = "elementwise"
+    own_weight_decay = True
 
     def __init__(
         self,
@@ -57,15 +58,19 @@ class Lion(GenericAdaptiveOptimizer):
         decoupled_weight_decay: bool = False,
         **options: Unpack[CommonOptions],
     ) -> None:
-        defaults: dict[str, Any] = dict(lr=lr, betas=betas)
         if not isinstance(decoupled_weight_decay, bool):
             raise TypeError(f"decoupled_weight_decay must be a bool, got {type(decoupled_weight_decay).__name__}")
-        policy = WeightDecay.coerce(weight_decay)
+        divisor = 1.0
         if decoupled_weight_decay:
+            if isinstance(weight_decay, WeightDecay):
+                raise ValueError(
+                    "decoupled_weight_decay=True takes a float weight_decay; a WeightDecay policy has its own mode"
+                )
             if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
                 raise ValueError(f"lr must be in (0, inf) with decoupled_weight_decay=True, got {lr!r}")
-            policy = WeightDecay(policy.weight_decay / lr, policy.weight_decouple, policy.absolute, policy.l1)
-        super().__init__(params, defaults, weight_decay=policy, **options)
+            divisor = float(lr)
+        defaults: dict[str, Any] = dict(lr=lr, betas=betas, decay_rate_divisor=divisor)
+        super().__init__(params, defaults, weight_decay=weight_decay, **options)
 
     def init_state(self, state: State, group: Group, param: torch.Tensor) -> None:
         state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
@@ -73,6 +78,9 @@ class Lion(GenericAdaptiveOptimizer):
     def step_param(self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor, scalars: Scalars) -> None:
         beta1, beta2 = group["betas"]
         exp_avg = state["exp_avg"]
+        if not group["weight_decay_policy"] and group["weight_decay"] != 0:
+            # lion-pytorch's decay, first: theta <- theta (1 - eta_t w), w divided by the initial rate if asked.
+            param.mul_(1.0 - scalars["lr"] * (group["weight_decay"] / group["decay_rate_divisor"]))
         # sign(c_t), with c_t = beta1 m_{t-1} + (1 - beta1) g_t
         update = (exp_avg * beta1).add_(grad, alpha=1.0 - beta1).sign_()
         param.add_(update, alpha=-scalars["lr"])

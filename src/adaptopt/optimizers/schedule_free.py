@@ -21,12 +21,12 @@ evaluated and checkpointed; `optimizer.train()` moves them back. `step()` in eva
 Verified against the official `schedulefree` package (1.4.1, `AdamWScheduleFree`, foreach and loop), in train
 and eval mode, with its argument names and defaults. A float `weight_decay=w` is its decay, taken at $y$ on
 the normalised gradient, as in the formula above (so it is scaled by the rates of both $y$ and $z$); a
-`WeightDecay` policy is applied before the update instead, like in every other optimizer; the group key of the
-former is `weight_decay_at_y`. The per-group numbers it keeps are the official ones, under the same names in
-the param groups (`k`, `lr_max`, `weight_sum`, `scheduled_lr`, `train_mode`). Differences: we start in train
-mode (the official optimizer starts in eval mode and refuses to step before `train()`; before the first step
-the two modes are the same point), and we never overwrite `p.grad` (the official code normalises it in place).
-Its `foreach` option is our `execution`.
+`WeightDecay` policy is applied before the update instead, like in every other optimizer (`own_weight_decay`).
+The per-group numbers it keeps are the official ones, under the same names in the param groups (`k`, `lr_max`,
+`weight_sum`, `scheduled_lr`, `train_mode`). Differences: we start in train mode (the official optimizer
+starts in eval mode and refuses to step before `train()`; before the first step the two modes are the same
+point), and we never overwrite `p.grad` (the official code normalises it in place). Its `foreach` option is
+our `execution`.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class ScheduleFreeAdamW(GenericAdaptiveOptimizer):
     """
 
     kind = "elementwise"
+    own_weight_decay = True
     group_state: ClassVar[Mapping[str, Any]] = {
         "k": 0,
         "train_mode": True,
@@ -74,18 +75,15 @@ class ScheduleFreeAdamW(GenericAdaptiveOptimizer):
         weight_lr_power: float = 2.0,
         **options: Unpack[CommonOptions],
     ) -> None:
-        at_y = 0.0 if isinstance(weight_decay, WeightDecay) else weight_decay
-        policy = weight_decay if isinstance(weight_decay, WeightDecay) else WeightDecay()
         defaults: dict[str, Any] = dict(
             lr=lr,
             betas=betas,
             eps=eps,
-            weight_decay_at_y=at_y,
             warmup_steps=warmup_steps,
             r=r,
             weight_lr_power=weight_lr_power,
         )
-        super().__init__(params, defaults, weight_decay=policy, **options)
+        super().__init__(params, defaults, weight_decay=weight_decay, **options)
 
     def init_state(self, state: State, group: Group, param: torch.Tensor) -> None:
         state["z"] = param.detach().clone(memory_format=torch.preserve_format)
@@ -128,8 +126,8 @@ class ScheduleFreeAdamW(GenericAdaptiveOptimizer):
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
         # \hat g_t = g_t / (sqrt(v_t / (1 - beta2^t)) + eps) + lambda y_t
         normalized = grad / (exp_avg_sq / scalars["bias_correction2"]).sqrt_().add_(group["eps"])
-        if group["weight_decay_at_y"] != 0:
-            normalized.add_(param, alpha=group["weight_decay_at_y"])
+        if not group["weight_decay_policy"] and group["weight_decay"] != 0:
+            normalized.add_(param, alpha=group["weight_decay"])
         # y <- (1 - c) y + c z, as an add: lerp_ takes no float64 weight for float32 tensors when compiled.
         param.add_(z - param, alpha=scalars["average_weight"])
         param.add_(normalized, alpha=scalars["y_rate"])
