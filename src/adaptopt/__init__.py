@@ -3,17 +3,23 @@
 from .base import GenericAdaptiveOptimizer
 from .optimizers import (
     ADOPT,
+    LAMB,
     AdaBelief,
+    Adafactor,
     Adam,
     AdamWarmup,
     AdamWarmupCosineDecay,
     AdEMAMix,
     AMSGrad,
     Lion,
+    Muon,
+    MuonWithAdamW,
     Noam,
+    Prodigy,
     RAdam,
     ScheduleFreeAdamW,
     Sophia,
+    muon_with_adamw,
 )
 from .registry import available, create, describe
 from .weight_decay import WeightDecay
@@ -22,15 +28,20 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ADOPT",
+    "LAMB",
     "AMSGrad",
     "AdEMAMix",
     "AdaBelief",
+    "Adafactor",
     "Adam",
     "AdamWarmup",
     "AdamWarmupCosineDecay",
     "GenericAdaptiveOptimizer",
     "Lion",
+    "Muon",
+    "MuonWithAdamW",
     "Noam",
+    "Prodigy",
     "RAdam",
     "ScheduleFreeAdamW",
     "Sophia",
@@ -38,4 +49,5 @@ __all__ = [
     "available",
     "create",
     "describe",
+    "muon_with_adamw",
 ]

@@ -16,7 +16,9 @@ import torch
 from .base import ParamsT
 from .optimizers import (
     ADOPT,
+    LAMB,
     AdaBelief,
+    Adafactor,
     Adam,
     AdamWarmup,
     AdamWarmupCosineDecay,
@@ -24,9 +26,11 @@ from .optimizers import (
     AMSGrad,
     Lion,
     Noam,
+    Prodigy,
     RAdam,
     ScheduleFreeAdamW,
     Sophia,
+    muon_with_adamw,
 )
 
 __all__ = ["OptimizerInfo", "available", "create", "describe"]
@@ -104,6 +108,30 @@ _REGISTRY: dict[str, OptimizerInfo] = {
             ScheduleFreeAdamW,
             "AdamW without a schedule, evaluated at an average of the iterates",
             "Defazio et al., NeurIPS 2024, arXiv:2405.15682",
+        ),
+        OptimizerInfo(
+            "prodigy",
+            Prodigy,
+            "Adam whose step size is estimated from the distance to the solution",
+            "Mishchenko & Defazio, ICML 2024, arXiv:2306.06101",
+        ),
+        OptimizerInfo(
+            "lamb",
+            LAMB,
+            "Adam's direction, each tensor's step scaled to its norm (trust ratio)",
+            "You et al., ICLR 2020, arXiv:1904.00962",
+        ),
+        OptimizerInfo(
+            "adafactor",
+            Adafactor,
+            "factored second moments over rows and columns, relative step sizes",
+            "Shazeer & Stern, ICML 2018, arXiv:1804.04235",
+        ),
+        OptimizerInfo(
+            "muon",
+            muon_with_adamw,
+            "orthogonalised momentum (Newton-Schulz) for matrices, AdamW for the rest",
+            "Jordan et al. 2024; Liu et al. 2025, arXiv:2502.16982",
         ),
         OptimizerInfo("sgd", _sgd, "torch.optim.SGD with momentum 0.9 (the baseline)", "Polyak, 1964"),
     )
