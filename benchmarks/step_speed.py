@@ -98,6 +98,26 @@ def _schedule_free(params: list[nn.Parameter]) -> torch.optim.Optimizer:
     return optimizer
 
 
+class _TorchMuonWithAdamW(torch.optim.Optimizer):
+    """torch's Muon for the 2-D params, torch's fused AdamW for the rest: the peer of `muon_with_adamw`."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        matrices = [p for p in params if p.dim() == 2]
+        rest = [p for p in params if p.dim() != 2]
+        self.parts: list[torch.optim.Optimizer] = [torch.optim.Muon(matrices, lr=1e-3, adjust_lr_fn="match_rms_adamw")]
+        if rest:
+            self.parts.append(torch.optim.AdamW(rest, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, fused=True))
+        super().__init__(params, {})
+
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for part in self.parts:
+            part.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts:
+            part.zero_grad(set_to_none)
+
+
 def _available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
@@ -109,8 +129,19 @@ CONTENDERS.update(
         "ours ADOPT": lambda p: adaptopt.ADOPT(p),
         "ours AdEMAMix": lambda p: adaptopt.AdEMAMix(p),
         "ours ScheduleFreeAdamW": lambda p: adaptopt.ScheduleFreeAdamW(p),
+        # growth_rate=1: the loss is linear, so the distance to its minimum, and d without a cap, grow forever.
+        "ours Prodigy": lambda p: adaptopt.Prodigy(p, growth_rate=1.0),
+        "ours LAMB": lambda p: adaptopt.LAMB(p),
+        "ours Adafactor": lambda p: adaptopt.Adafactor(p),
+        "torch Adafactor foreach": lambda p: torch.optim.Adafactor(p, foreach=True),
+        "torch Adafactor for-loop": lambda p: torch.optim.Adafactor(p, foreach=False),
+        "ours Muon (+AdamW for non-matrices)": lambda p: adaptopt.muon_with_adamw(p),
     }
 )
+if hasattr(torch.optim, "Muon"):
+    CONTENDERS["torch Muon (+fused AdamW for non-matrices)"] = _TorchMuonWithAdamW
+if _available("prodigyopt"):
+    CONTENDERS["prodigyopt Prodigy"] = lambda p: importlib.import_module("prodigyopt").Prodigy(p, growth_rate=1.0)
 if _available("lion_pytorch"):
     CONTENDERS["lion_pytorch Lion"] = lambda p: importlib.import_module("lion_pytorch").Lion(p)
 if _available("schedulefree"):
@@ -120,6 +151,13 @@ if _available("pytorch_optimizer"):
     CONTENDERS["pytorch_optimizer RAdam"] = _pytorch_optimizer("RAdam")
     CONTENDERS["pytorch_optimizer ADOPT"] = _pytorch_optimizer("ADOPT")
     CONTENDERS["pytorch_optimizer AdEMAMix"] = _pytorch_optimizer("AdEMAMix", alpha=2.0)
+    CONTENDERS["pytorch_optimizer Lamb"] = _pytorch_optimizer("Lamb", max_grad_norm=1.0, pre_norm=True)
+MATRIX_CASES = {"MNIST CNN (8 tensors, 431k)", "32 matrices of 256x256"}
+ONLY_IN: dict[str, set[str]] = {
+    "ours Muon (+AdamW for non-matrices)": MATRIX_CASES,
+    "torch Muon (+fused AdamW for non-matrices)": MATRIX_CASES,
+}
+"""Contenders that only make sense where there are matrices (elsewhere their cell is empty)."""
 KEEPS_GRADS = {"ours Adam, zero_grad(set_to_none=False)"}
 
 
@@ -191,7 +229,7 @@ class Contender:
 def measure(repeats: int, case_names: list[str], names: list[str], device: str = "cpu") -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
     for case in case_names:
-        contenders = [Contender(name, CASES[case], device) for name in names]
+        contenders = [Contender(name, CASES[case], device) for name in names if case in ONLY_IN.get(name, {case})]
         for contender in contenders:
             contender.warm_up()
         for _ in range(repeats):
@@ -214,9 +252,13 @@ def print_table(results: dict[str, dict[str, Any]], key: str = "median_ms") -> N
     cases = list(results)
     print("| contender | " + " | ".join(f"{case}: ms (x fused)" for case in cases) + " |")
     print("|---|" + "---|" * len(cases))
-    for name in next(iter(results.values())):
+    names = list(dict.fromkeys(name for case in cases for name in results[case]))
+    for name in names:
         cells = []
         for case in cases:
+            if name not in results[case]:
+                cells.append("—")
+                continue
             fused = results[case]["torch Adam fused"][key]
             ms = results[case][name][key]
             cells.append(f"{ms:.3f} ({ms / fused:.2f}x)")

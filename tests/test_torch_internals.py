@@ -8,6 +8,7 @@ warning, naming that internal. A fresh process shows that `import adaptopt` look
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 
+import adaptopt
 from adaptopt import compiled, execution
 from adaptopt import torch_internals as internals
 from adaptopt.execution import buckets
@@ -232,3 +234,19 @@ def test_import_looks_up_no_internal_and_steps_without_any() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['adaptopt: torch._C._storage_Use_Count']"
+
+
+def test_an_update_that_overflows_still_calls_the_kernel_directly(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A NaN matches a NaN in the self-test: the kernel and torch.compile overflowed alike, which is no loss.
+    internals.reset()
+    monkeypatch.setattr(execution, "_warned", set())
+    param = torch.nn.Parameter(torch.linspace(-1, 1, 256))
+    optimizer = adaptopt.Adam([param], execution="compiled")
+    param.grad = torch.full_like(param, math.inf)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optimizer.step()
+    assert not [w for w in caught if str(w.message).startswith("adaptopt")]
+    assert param.isnan().all()
+    (bucket,) = buckets(optimizer)
+    assert bucket.compiled is not None and bucket.compiled.direct
