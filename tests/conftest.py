@@ -38,8 +38,23 @@ OPTIMIZER_CLASSES = [
     adaptopt.ADOPT,
     adaptopt.AdEMAMix,
     adaptopt.ScheduleFreeAdamW,
+    adaptopt.Prodigy,
+    adaptopt.LAMB,
+    adaptopt.Adafactor,
+    adaptopt.Muon,
 ]
-"""Every optimizer class of ours (the registry's names without torch's `sgd`)."""
+"""Every optimizer class of ours (the registry's names without torch's `sgd`). The registry's `muon` is the
+factory `muon_with_adamw`, whose `MuonWithAdamW` is no `GenericAdaptiveOptimizer` but a pair of them, Muon
+for the matrices and `Adam` for the rest: the class of ours it adds is `Muon`, which takes 2-D params only
+(`matrix_shape` gives a test's vector its 2-D twin)."""
+
+
+def matrix_shape(optimizer_class: type, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """`shape` itself, or for Muon, which optimizes matrices only, a matrix of as many elements: `(1, n)`."""
+    if optimizer_class is adaptopt.Muon and len(shape) != 2:
+        return (1, max(1, torch.Size(shape).numel()))
+    return shape
+
 
 STEPS = 60
 BATCH = 12

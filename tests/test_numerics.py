@@ -42,7 +42,17 @@ from adaptopt import (
     functional,
     schedules,
 )
-from conftest import BATCH, OPTIMIZER_CLASSES, PROBLEMS, STEPS, Problem, ReferenceRun, TorchRun, relative_deviation
+from conftest import (
+    BATCH,
+    OPTIMIZER_CLASSES,
+    PROBLEMS,
+    STEPS,
+    Problem,
+    ReferenceRun,
+    TorchRun,
+    matrix_shape,
+    relative_deviation,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -599,22 +609,41 @@ def test_reference_loops_agree_with_independent_implementations(problem: Problem
 
 
 FAMILY_TESTS = {
-    "Lion": "test_lion_equals_lion_pytorch",
-    "ScheduleFreeAdamW": "test_schedule_free_equals_schedulefree",
-    "ADOPT": "test_adopt_equals_authors_code",
-    "AdEMAMix": "test_ademamix_equals_authors_code",
+    "Lion": ("test_family.py", "test_lion_equals_lion_pytorch"),
+    "ScheduleFreeAdamW": ("test_family.py", "test_schedule_free_equals_schedulefree"),
+    "ADOPT": ("test_family.py", "test_adopt_equals_authors_code"),
+    "AdEMAMix": ("test_family.py", "test_ademamix_equals_authors_code"),
+    "Prodigy": ("test_family.py", "test_prodigy_equals_prodigyopt"),
+    "LAMB": ("test_family.py", "test_lamb_equals_apex_algorithm"),
+    "Adafactor": ("test_family_matrix.py", "test_adafactor_matches_torch"),
+    "Muon": ("test_family_matrix.py", "test_muon_float64_matches_the_float64_loop"),
+    "MuonWithAdamW": ("test_family_matrix.py", "test_muon_with_adamw_is_adamw_and_muon_side_by_side"),
 }
-"""The test of tests/test_family.py that compares each of these with its official code."""
+"""The test, in tests/test_family.py or tests/test_family_matrix.py, that compares each of these with its
+official code (or, where that is not on PyPI, a float64 loop written from it)."""
+
+
+def registered_classes() -> set[str]:
+    """The class names of every registered optimizer and, for `muon`'s MuonWithAdamW, of the two it holds."""
+    names = set()
+    for name in adaptopt.available():
+        built = adaptopt.create(name, [torch.zeros(1), torch.zeros(2, 2)])
+        names.add(type(built).__name__)
+        if isinstance(built, adaptopt.MuonWithAdamW):
+            names |= {type(built.muon).__name__, type(built.adamw).__name__}
+    return names
 
 
 def test_every_registered_optimizer_has_a_reference_case() -> None:
     """Adding an optimizer to the registry without an oracle here fails this test."""
     covered = {type(factory([torch.zeros(1)])).__name__ for factory, _ in REFERENCE_CASES.values()}
     covered |= {"Sophia"}  # test_sophia_matches_reference_loop
-    # The family beyond the seed is checked in tests/test_family.py, each against its official code.
-    family = (Path(__file__).parent / "test_family.py").read_text()
-    covered |= {name for name, test in FAMILY_TESTS.items() if f"def {test}(" in family}
-    registered = {type(adaptopt.create(name, [torch.zeros(1)])).__name__ for name in adaptopt.available()}
+    # The family beyond the seed is checked in tests/test_family*.py, each against its official code.
+    for name, (file, test) in FAMILY_TESTS.items():
+        if f"def {test}(" in (Path(__file__).parent / file).read_text():
+            covered.add(name)
+    registered = registered_classes()
+    assert {"Muon", "MuonWithAdamW", "Prodigy", "LAMB", "Adafactor"} <= registered
     assert registered - {"SGD"} <= covered
 
 
@@ -647,7 +676,9 @@ def test_step_counter_stays_an_int_under_float64_default_dtype(optimizer_class: 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        param = torch.ones(3, dtype=torch.float32, requires_grad=True)
+        # Muon takes matrices only: a 1 x 3 one.
+        shape = matrix_shape(optimizer_class, (3,))
+        param = torch.ones(shape, dtype=torch.float32, requires_grad=True)
         optimizer = optimizer_class([param])
         for _ in range(3):
             param.grad = torch.full_like(param, 0.5)

@@ -24,30 +24,58 @@ EXPECTED = {
     "adopt": adaptopt.ADOPT,
     "ademamix": adaptopt.AdEMAMix,
     "schedule_free_adamw": adaptopt.ScheduleFreeAdamW,
+    "prodigy": adaptopt.Prodigy,
+    "lamb": adaptopt.LAMB,
+    "adafactor": adaptopt.Adafactor,
+    "muon": adaptopt.MuonWithAdamW,
     "sgd": torch.optim.SGD,
 }
+"""What `create(name, ...)` returns."""
+
+FACTORIES = {"muon": adaptopt.muon_with_adamw}
+"""The factories that are not the class they build: `muon` splits the params between a Muon and an AdamW."""
+
+FAMILY_CLASS = {"muon": adaptopt.Muon}
+"""The `GenericAdaptiveOptimizer` a name adds to the family (`OPTIMIZER_CLASSES`), where it is not what
+`create` returns: MuonWithAdamW holds a Muon for the matrices and our `Adam`, already in the family."""
 
 
 def test_available_lists_the_family_in_order() -> None:
     assert adaptopt.available() == list(EXPECTED)
     # The other test files parametrize over OPTIMIZER_CLASSES: it must be the whole family.
-    assert [c for name, c in EXPECTED.items() if name != "sgd"] == OPTIMIZER_CLASSES
+    assert [FAMILY_CLASS.get(name, c) for name, c in EXPECTED.items() if name != "sgd"] == OPTIMIZER_CLASSES
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_every_name_builds_its_optimizer_and_steps(name: str) -> None:
-    param = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64, requires_grad=True)
-    optimizer = create(name, [param], lr=0.01)
+    # A vector and a matrix: Muon (in `muon`) takes the matrix, its AdamW the vector.
+    params = [
+        torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64, requires_grad=True),
+        torch.tensor([[0.5, -1.5], [2.5, 1.0], [-0.5, 2.0]], dtype=torch.float64, requires_grad=True),
+    ]
+    optimizer = create(name, params, lr=0.01)
     assert type(optimizer) is EXPECTED[name]
     assert optimizer.param_groups[0]["lr"] == 0.01
-    start = param.detach().clone()
+    if isinstance(optimizer, adaptopt.MuonWithAdamW):
+        assert optimizer.muon.param_groups[0]["params"] == [params[1]]
+        assert optimizer.adamw.param_groups[0]["params"] == [params[0]]
+    starts = [param.detach().clone() for param in params]
     for _ in range(3):
         optimizer.zero_grad()
-        (param**2).sum().backward()
+        sum((param**2).sum() for param in params).backward()
         optimizer.step()
         if isinstance(optimizer, adaptopt.Sophia):
             optimizer.update_hessian(4)
-    assert torch.all(param.detach().abs() < start.abs()), f"{name} did not descend on |p|^2"
+    for param, start in zip(params, starts, strict=True):
+        assert torch.all(param.detach().abs() < start.abs()), f"{name} did not descend on |p|^2"
+
+
+def test_muon_given_a_model_leaves_its_output_layer_to_adamw() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    optimizer = create("muon", model, lr=0.01)
+    assert isinstance(optimizer, adaptopt.MuonWithAdamW)
+    assert optimizer.muon.param_groups[0]["params"] == [model[0].weight]
+    assert optimizer.adamw.param_groups[0]["params"] == [model[0].bias, model[2].weight, model[2].bias]
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
@@ -57,7 +85,7 @@ def test_describe_gives_summary_paper_and_defaults(name: str) -> None:
     assert info.summary and info.paper
     assert "lr" in info.defaults
     if name != "sgd":
-        assert info.factory is EXPECTED[name]
+        assert info.factory is FACTORIES.get(name, EXPECTED[name])
 
 
 @pytest.mark.parametrize(
@@ -82,6 +110,11 @@ def test_describe_gives_summary_paper_and_defaults(name: str) -> None:
         ("AdEMAMix", "ademamix"),
         ("ScheduleFreeAdamW", "schedule_free_adamw"),
         ("schedule-free-adamw", "schedule_free_adamw"),
+        ("Prodigy", "prodigy"),
+        ("LAMB", "lamb"),
+        ("AdaFactor", "adafactor"),
+        ("Ada-Factor", "adafactor"),
+        ("Muon", "muon"),
         ("NOAM", "noam"),
         ("SGD", "sgd"),
     ],
