@@ -286,20 +286,24 @@ class GenericAdaptiveOptimizer(Optimizer):
         self.begin_reduction()
         totals: dict[str, torch.Tensor] = {}
 
-        def collect(state: State, group: Group, grad: torch.Tensor, param: torch.Tensor) -> None:
-            if group["maximize"]:
-                grad = -grad
-            parts = self.reduce_param(
-                state, group, grad, param, self.step_scalars({**state, "step": state["step"] + 1}, group)
-            )
+        def add(parts: Mapping[str, torch.Tensor]) -> None:
             for name, value in parts.items():
                 value = value.detach().to(torch.float64).sum()
                 totals[name] = totals[name] + value.to(totals[name].device) if name in totals else value
 
+        def collect(state: State, group: Group, grad: torch.Tensor, param: torch.Tensor) -> None:
+            if group["maximize"]:
+                grad = -grad
+            add(
+                self.reduce_param(
+                    state, group, grad, param, self.step_scalars({**state, "step": state["step"] + 1}, group)
+                )
+            )
+
         for group in self.param_groups:
             params = group["params"]
             if self._buckets is not None and not self._needs_working_copies(group):
-                params = self._buckets.reduce_group(group, collect)
+                params = self._buckets.reduce_group(group, collect, add)
             for param, grad in self.params_with_grad(params):
                 state = self.state_for(group, param)
                 if self._needs_working_copies(group):

@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from .base import Group, Scalars
     from .execution import Steppable
 
-__all__ = ["CompiledUpdate", "compilation_supported"]
+__all__ = ["CompiledReduction", "CompiledUpdate", "compilation_supported"]
 
 SELF_TEST_LENGTH = 64
 """Elements of the scratch inputs on which a directly called kernel must match `torch.compile`'s path."""
@@ -469,6 +469,49 @@ class CompiledUpdate:
             internals.lose("inductor's kernel bindings", "the C kernel called by rows did not update as torch.compile")
             return None
         return rows
+
+
+class CompiledReduction:
+    """An optimizer's first pass (`reduce_param`, after `maximize`) compiled for one set of constants, over
+    flat segments of any length: it updates the segment's state and returns its sums by name."""
+
+    def __init__(
+        self,
+        optimizer: Steppable,
+        constants: Group,
+        state_keys: Sequence[str],
+        scalars: Scalars,
+        device: torch.device,
+        tag: str,
+    ) -> None:
+        keys = tuple(state_keys)
+        self.names = scalar_names = tuple(name for name, value in scalars.items() if isinstance(value, float))
+        fixed = {name: value for name, value in scalars.items() if name not in scalar_names}
+        self._device = device
+
+        def reduction(
+            param: torch.Tensor, grad: torch.Tensor, packed: torch.Tensor, *state: torch.Tensor
+        ) -> dict[str, torch.Tensor]:
+            scalars = dict(fixed)
+            for index, name in enumerate(scalar_names):
+                scalars[name] = packed[index]
+            if constants["maximize"]:
+                grad = -grad
+            return optimizer.reduce_param(dict(zip(keys, state, strict=True)), constants, grad, param, scalars)
+
+        code = reduction.__code__.replace(co_name=f"adaptopt_reduction_{tag}")
+        function = types.FunctionType(code, reduction.__globals__, code.co_name, None, reduction.__closure__)
+        backend: Any = CompiledUpdate._compile_plain if internals.kernel_keeping_available() else "inductor"
+        self._compiled = torch.compile(function, fullgraph=True, dynamic=False, backend=backend)
+
+    def __call__(
+        self, param: torch.Tensor, grad: torch.Tensor, scalars: Scalars, state: list[torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        packed = torch.tensor([scalars[name] for name in self.names], dtype=torch.float64, device=self._device)
+        for tensor in (param, grad, *state):
+            internals.mark_dynamic(tensor, 0)
+        result: dict[str, torch.Tensor] = self._compiled(param, grad, packed, *state)
+        return result
 
 
 def _same_bits(want: Any, got: Any) -> bool:

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import operator
 import warnings
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import pairwise, repeat
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol, cast
@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from . import torch_internals as internals
-from .compiled import CompiledUpdate, compilation_supported
+from .compiled import CompiledReduction, CompiledUpdate, compilation_supported
 from .functional import TensorExtents
 from .memory import as_bucket_buffer, bucket_buffer
 
@@ -118,6 +118,10 @@ class Steppable(Protocol):
     def update(self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor, scalars: Scalars) -> None: ...
 
     def compile_constants(self, group: Group) -> Group: ...
+
+    def reduce_param(
+        self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor, scalars: Scalars
+    ) -> dict[str, torch.Tensor]: ...
 
 
 def validate_execution(execution: Any) -> str:
@@ -296,6 +300,8 @@ class BucketedExecution:
         self._records: dict[int, tuple[Group, list[torch.Tensor], int, list[Bucket], list[torch.Tensor]]] = {}
         self._owner: dict[torch.Tensor, tuple[Bucket, int]] = {}
         self._compiled: dict[Hashable, CompiledUpdate | None] = {}
+        self._reductions: dict[Hashable, CompiledReduction | None] = {}
+        """Compiled first passes (`reduces`) by their constants; None where compiling failed."""
         """Compiled updates by their constants (`_constants_key`); None where compiling failed."""
         self._seen_states: list[State] = []
         """`optimizer.state`'s dicts at the last step (see `_refresh_states`)."""
@@ -509,18 +515,51 @@ class BucketedExecution:
         return leftovers
 
     def reduce_group(
-        self, group: Group, collect: Callable[[State, Group, torch.Tensor, torch.Tensor], None]
+        self,
+        group: Group,
+        collect: Callable[[State, Group, torch.Tensor, torch.Tensor], None],
+        add: Callable[[Mapping[str, torch.Tensor]], None],
     ) -> list[torch.Tensor]:
         """The first pass (`reduces`) over the group's buckets: `collect(state, group, grad, param)` on each
-        segment, its grads gathered once for the step that follows; return the params the reference loop
-        must do."""
+        segment (or, compiled, the sums of `reduce_param` handed to `add`), its grads gathered once for the
+        step that follows; return the params the reference loop must do."""
         buckets, leftovers = self._buckets_of(group)
         for bucket in buckets:
             prepared = bucket.prepared = self._prepare(group, bucket, same_dicts=False, rows=False)
             for first, last, step in prepared.runs:
+                scalars = self.optimizer.step_scalars({"step": step + 1}, group)
+                reduction = self._reduction_for(group, bucket, scalars)
                 for segment, grad in _segments(bucket, first, last, prepared.in_place, self._whole_tensors):
+                    if reduction is not None and segment.stop - segment.start >= 2 and segment.starts is None:
+                        try:
+                            add(reduction(segment.param, grad, scalars, segment.state_list))
+                            continue
+                        except Exception as error:  # Whatever the compiler raises, the eager path still works.
+                            self._reduction_failed(group, bucket, scalars, error)
+                            reduction = None
                     collect({"step": step, **segment.state}, group, grad, segment.param)
         return leftovers
+
+    def _reduction_for(self, group: Group, bucket: Bucket, scalars: Scalars) -> CompiledReduction | None:
+        """The compiled first pass for `bucket`, on the same terms as its compiled update (`_compiled_for`)."""
+        if self.mode == "bucketed" or bucket.compile_failed or self._stacked or not compilation_supported():
+            return None
+        if self.mode == "auto" and bucket.eager_work < AUTO_COMPILE_WORK:
+            return None
+        key = self._constants_key(group, bucket, scalars)
+        if key is None:
+            return None
+        if key not in self._reductions:
+            constants = self.optimizer.compile_constants(group)
+            tag = f"{id(self):x}_reduce_{len(self._reductions)}"
+            self._reductions[key] = CompiledReduction(
+                self.optimizer, constants, list(bucket.state_buffers), scalars, bucket.flat_param.device, tag
+            )
+        return self._reductions[key]
+
+    def _reduction_failed(self, group: Group, bucket: Bucket, scalars: Scalars, error: Exception) -> None:
+        self._reductions[self._constants_key(group, bucket, scalars)] = None
+        self._compile_failed(group, bucket, scalars, error)
 
     def _prepare(self, group: Group, bucket: Bucket, same_dicts: bool, rows: bool) -> _Prepared:
         """What a pass over the bucket needs: grads where they can be read (in the buffer, in place, or, when

@@ -144,18 +144,23 @@ class Prodigy(GenericAdaptiveOptimizer):
             "numerator_rate": ratio * dlr,
             "d_eps": d * group["eps"],
             "d_lr": dlr * d,
+            "estimates": group["lr"] != 0.0,  # a group with lr 0 adds nothing to the estimate of d
+            # The first group's betas are every group's (as in prodigyopt); numbers here, so that a compiled
+            # first pass reads no group but its own.
+            "beta1": float(beta1),
+            "beta2": float(beta2),
+            "beta3": math.sqrt(beta2) if first["beta3"] is None else float(first["beta3"]),
+            "keeps_exp_avg": beta1 > 0,
         }
 
     def reduce_param(
         self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor, scalars: Scalars
     ) -> dict[str, torch.Tensor]:
-        if group["lr"] == 0.0:
+        if not scalars["estimates"]:
             return {}
         if not group["decoupled_weight_decay"]:
             grad = apply_weight_decay(param, grad, group, scalars["lr"])
-        first = self.param_groups[0]
-        beta1, beta2 = first["betas"]
-        beta3 = math.sqrt(beta2) if first["beta3"] is None else first["beta3"]
+        beta1, beta2, beta3 = scalars["beta1"], scalars["beta2"], scalars["beta3"]
         slice_p = group["slice_p"]
         sliced_grad = grad.flatten()[::slice_p] if slice_p > 1 else grad
         sliced_param = param.flatten()[::slice_p] if slice_p > 1 else param
@@ -163,7 +168,7 @@ class Prodigy(GenericAdaptiveOptimizer):
         numerator = (
             torch.dot(sliced_grad.reshape(-1), (state["p0"] - sliced_param).reshape(-1)) * scalars["numerator_rate"]
         )
-        if beta1 > 0:
+        if scalars["keeps_exp_avg"]:
             state["exp_avg"].mul_(beta1).add_(grad, alpha=scalars["exp_avg_rate"])
         state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=scalars["exp_avg_sq_rate"])
         s = state["s"].mul_(beta3).add_(sliced_grad, alpha=scalars["s_rate"])
