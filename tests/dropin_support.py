@@ -38,8 +38,19 @@ OPTIMIZER_SETTINGS: dict[str, dict[str, Any]] = {
     "ademamix": dict(lr=1e-2, alpha_warmup=4, beta3_warmup=4),
     # Its own decay (a float: taken at y on the normalised gradient) rather than the shared policy.
     "schedule_free_adamw": dict(lr=1e-2, warmup_steps=3, weight_decay=0.01),
+    # Its rate, d lr: on this model d grows from d0 from the third step on (2.4 d0 after 5 steps, 23 d0 after 10).
+    "prodigy": dict(lr=1.0, d0=1e-4),
+    # Its own decay (apex's: inside the trust ratio) and its global-norm clipping, which acts on this model.
+    "lamb": dict(lr=1e-2, weight_decay=0.01, max_grad_norm=0.5),
+    "adafactor": dict(lr=1e-2),
+    # muon_with_adamw: Muon for the weights, AdamW for the biases; its weight_decay is a float, decoupled, both's.
+    "muon": dict(lr=1e-2, weight_decay=0.01),
 }
 NAMES = sorted(OPTIMIZER_SETTINGS)
+SUMS_IN_ANOTHER_ORDER = ("prodigy", "lamb")
+"""Optimizers whose step sums over many elements (Prodigy's estimate over every param, LAMB's norms): the default
+execution sums over a bucket, the reference loop (which master weights and working copies take) param by param,
+so the two differ in the last bits of those sums, and from them of the params and the state."""
 assert set(NAMES) == set(adaptopt.available()) - {"sgd"}, "a registered optimizer is missing from the settings"
 
 HESSIAN_EVERY = 2

@@ -6,6 +6,7 @@ contiguous copies of the same numbers, bit for bit.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +43,8 @@ class Layout:
             buffer[::2] = values
             return buffer[::2]
         if self.kind == "channels_last":
-            return values.contiguous(memory_format=torch.channels_last)
+            # clone, not contiguous(): a tensor already channels-last (one of no elements, say) is returned as is.
+            return values.clone(memory_format=torch.channels_last)
         return values.clone()
 
 
@@ -98,10 +100,17 @@ def test_any_shape_layout_and_dtype_steps_like_the_reference(
     hostile = [layout.make(v).requires_grad_() for layout, v in zip(param_layouts, values, strict=True)]
     plain = [v.to(layout.dtype, copy=True).requires_grad_() for layout, v in zip(param_layouts, values, strict=True)]
     beta3 = hyper.pop("beta3")
-    if "eps" not in describe(name).defaults:  # Lion's sign needs no eps
+    defaults = describe(name).defaults
+    if "eps" not in defaults:  # Lion's sign needs no eps; muon_with_adamw's AdamW takes adamw_eps
         del hyper["eps"]
+    elif isinstance(defaults["eps"], tuple):  # Adafactor's (eps1, eps2): the floors of V and of RMS(param)
+        hyper["eps"] = (hyper["eps"], 1e-3)
+    if "betas" not in defaults:  # Adafactor's and Muon's momentum are not betas
+        del hyper["betas"]
     if name == "sophia":
         hyper = {**hyper, "rho": 0.05}
+    if name == "muon":  # muon_with_adamw takes one float weight_decay, decoupled, for both its optimizers
+        hyper["weight_decay"] = hyper["weight_decay"].weight_decay
     if betas_arity(name) == 3:
         hyper = {**hyper, "betas": (*hyper["betas"], beta3)}
     ours = make_optimizer(name, hostile, **hyper)
@@ -157,17 +166,32 @@ def test_a_non_finite_grad_propagates_as_in_torch_adam(bad: float) -> None:
     assert_identical(ours.state[ours_param]["exp_avg_sq"], theirs.state[theirs_param]["exp_avg_sq"])
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-@pytest.mark.parametrize("name", NAMES)
-def test_a_non_finite_grad_stays_in_its_element(name: str, bad: float) -> None:
-    clean, poisoned = torch.ones(5, requires_grad=True), torch.ones(5, requires_grad=True)
+READS_ACROSS_ELEMENTS = ("prodigy", "lamb", "adafactor")
+"""Where one element's grad reaches the others' steps, so a non-finite one does too (see the test after the
+next): Prodigy's estimate d sums over every element, LAMB's clipping and trust ratio take norms, Adafactor's
+step the update's RMS. `muon`'s vectors are its AdamW's, elementwise; its matrices are Muon's, whose
+orthogonalization reads the whole matrix."""
+
+
+def poisoned_run(
+    name: str, bad: float, shape: tuple[int, ...], steps: int = 3
+) -> tuple[list[torch.optim.Optimizer], torch.Tensor, torch.Tensor]:
+    """`steps` steps of two runs of `name`, fed the same grads but for element 1 of the second's, `bad`."""
+    clean, poisoned = torch.ones(shape, requires_grad=True), torch.ones(shape, requires_grad=True)
     optimizers = [make_optimizer(name, [clean]), make_optimizer(name, [poisoned])]
-    for step in range(3):
-        clean.grad = torch.tensor([0.5, 0.0, -0.5, 1.0, 2.0]) * (step + 1)
+    for step in range(steps):
+        clean.grad = (torch.tensor([0.5, 0.0, -0.5, 1.0, 2.0]) * (step + 1)).reshape(shape)
         poisoned.grad = clean.grad.clone()
-        poisoned.grad[1] = bad
+        poisoned.grad.view(-1)[1] = bad
         for optimizer in optimizers:
             optimizer.step()
+    return optimizers, clean, poisoned
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("name", [name for name in NAMES if name not in READS_ACROSS_ELEMENTS])
+def test_a_non_finite_grad_stays_in_its_element(name: str, bad: float) -> None:
+    optimizers, clean, poisoned = poisoned_run(name, bad, (5,))
     # Schedule-Free keeps no first moment: its bad grad lands in the second.
     moment = "exp_avg" if "exp_avg" in optimizers[1].state[poisoned] else "exp_avg_sq"
     assert not bool(optimizers[1].state[poisoned][moment][1].isfinite()), "the bad grad vanished"
@@ -178,6 +202,34 @@ def test_a_non_finite_grad_stays_in_its_element(name: str, bad: float) -> None:
             assert_identical(optimizers[1].state[poisoned][key][keep], value[keep], key)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize(("name", "shape"), [*((name, (5,)) for name in READS_ACROSS_ELEMENTS), ("muon", (1, 5))])
+def test_a_non_finite_grad_reaches_every_element_where_the_math_reads_them_all(
+    name: str, shape: tuple[int, ...], bad: float
+) -> None:
+    # Without a GradScaler (which skips such steps: test_amp) the bad grad propagates, as in each reference;
+    # here it cannot stay in its element. What each does with it:
+    optimizers, clean, poisoned = poisoned_run(name, bad, shape, steps=6)  # Prodigy's d grows from step 3
+    keep = torch.tensor([True, False, True, True, True])
+    others, clean_others = poisoned.detach().view(-1)[keep], clean.detach().view(-1)[keep]
+    assert not bool(poisoned.detach().view(-1)[1].isfinite())
+    if name in ("adafactor", "muon"):
+        # The update's RMS (Adafactor's clipping) and the orthogonalization (Muon's) are NaN: the whole param is.
+        assert bool(poisoned.detach().isnan().all())
+        return
+    assert bool(others.isfinite().all()) and not torch.equal(others, clean_others)
+    group = optimizers[1].param_groups[0]
+    if name == "prodigy":
+        # The estimate's numerator is NaN from then on, and d, as in prodigyopt, never grows past d0 again.
+        assert math.isnan(group["d_numerator"]) and group["d"] == group["d0"] < optimizers[0].param_groups[0]["d"]
+    elif math.isnan(bad):  # LAMB: the global norm is NaN, so no clipping (the clean run's grads are clipped),
+        # and the trust ratio, of NaN norms, is 1 (apex's: where both norms are > 0, else 1).
+        assert group["grad_divisor"] == 1.0 < optimizers[0].param_groups[0]["grad_divisor"]
+    else:  # LAMB, an inf: the global norm is inf, every grad is divided by it, and only the decay moves the rest.
+        assert group["grad_divisor"] == math.inf
+        assert bool((optimizers[1].state[poisoned]["exp_avg"].view(-1)[keep] == 0).all())
+
+
 # --------------------------------------------------------------------------------------------------
 # Arguments of the wrong type or out of range: TypeError or ValueError naming the argument
 
@@ -185,6 +237,11 @@ def test_a_non_finite_grad_stays_in_its_element(name: str, bad: float) -> None:
 def betas_arity(name: str) -> int:
     """How many betas optimizer `name` takes: 2, or 3 for AdEMAMix; 0 if it takes none."""
     return len(describe(name).defaults.get("betas", ()))
+
+
+def eps_is_a_pair(name: str) -> bool:
+    """Whether `eps` is Adafactor's pair (eps1, eps2) rather than one number."""
+    return isinstance(describe(name).defaults.get("eps"), tuple)
 
 
 BAD_ARGUMENTS: list[tuple[str, Any, type[Exception]]] = [
@@ -216,8 +273,18 @@ BAD_BETAS: dict[int, list[tuple[str, Any, type[Exception]]]] = {
         ("betas", (0.9, 0.999, 1.0), ValueError),
         ("betas", (0.9, 0.999, "0.9999"), TypeError),
     ],
+    0: [],
 }
-"""Betas of the wrong length, range or type: a pair for most, a triple for AdEMAMix."""
+"""Betas of the wrong length, range or type: a pair for most, a triple for AdEMAMix, none for Adafactor
+and Muon (`muon`'s AdamW takes `adamw_betas`)."""
+BAD_EPS_PAIR: list[tuple[str, Any, type[Exception]]] = [
+    ("eps", 1e-8, TypeError),
+    ("eps", (None, -1.0), ValueError),
+    ("eps", (-1e-30, 1e-3), ValueError),
+    ("eps", (1e-30,), ValueError),
+    ("eps", (None, "1e-3"), TypeError),
+]
+"""Adafactor's eps, torch's pair (eps1, eps2), in place of BAD_ARGUMENTS' single numbers."""
 SPECIFIC_BAD_ARGUMENTS: dict[str, list[tuple[str, Any, type[Exception]]]] = {
     "sophia": [("rho", 0.0, ValueError), ("rho", "0.05", TypeError)],
     "adam_warmup": [("warmup", 2.5, TypeError), ("warmup", -1, ValueError)],
@@ -244,21 +311,90 @@ SPECIFIC_BAD_ARGUMENTS: dict[str, list[tuple[str, Any, type[Exception]]]] = {
         ("r", "1", TypeError),
         ("weight_lr_power", -2.0, ValueError),
     ],
+    "prodigy": [
+        ("d0", 0.0, ValueError),
+        ("d0", "1e-6", TypeError),
+        ("d_coef", -1.0, ValueError),
+        ("growth_rate", 0.5, ValueError),
+        ("slice_p", 0, ValueError),
+        ("slice_p", 1.5, TypeError),
+        ("beta3", 1.0, ValueError),
+        ("beta3", "0.99", TypeError),
+        ("use_bias_correction", 1, TypeError),
+        ("safeguard_warmup", "no", TypeError),
+        ("fsdp_in_use", None, TypeError),
+        ("decouple", 1, TypeError),
+    ],
+    "lamb": [
+        ("max_grad_norm", -1.0, ValueError),
+        ("max_grad_norm", "1", TypeError),
+        ("use_nvlamb", 1, TypeError),
+        ("adam_w_mode", "yes", TypeError),
+        ("grad_averaging", None, TypeError),
+        ("bias_correction", 0, TypeError),
+    ],
+    "adafactor": [
+        ("d", 0.5, ValueError),
+        ("d", "1", TypeError),
+        ("beta2_decay", 0.5, ValueError),
+        ("beta2_decay", None, TypeError),
+    ],
+    "muon": [
+        ("momentum", 1.0, ValueError),
+        ("momentum", "0.9", TypeError),
+        ("nesterov", 1, TypeError),
+        ("ns_steps", 100, ValueError),
+        ("ns_steps", 2.5, TypeError),
+        ("adjust_lr_fn", "x", ValueError),
+        ("adjust_lr_fn", 1, TypeError),
+        ("ns_dtype", torch.float16, ValueError),
+        ("exclude", ["no_such_param"], ValueError),
+        ("muon_lr", -1.0, ValueError),
+        ("muon_lr", "0.02", TypeError),
+        ("adamw_betas", (0.9, 1.0), ValueError),
+        ("adamw_betas", (0.9,), ValueError),
+        ("adamw_eps", -1.0, ValueError),
+    ],
 }
 CASES = [
     (name, *case)
     for name in NAMES
-    for case in BAD_ARGUMENTS + BAD_BETAS[betas_arity(name)] + SPECIFIC_BAD_ARGUMENTS[name]
+    for case in (
+        [c for c in BAD_ARGUMENTS if not (eps_is_a_pair(name) and c[0] == "eps")]
+        + BAD_BETAS[betas_arity(name)]
+        + (BAD_EPS_PAIR if eps_is_a_pair(name) else [])
+        + SPECIFIC_BAD_ARGUMENTS[name]
+    )
     if case[0] in describe(name).defaults or case[0] in CommonOptions.__annotations__  # Lion takes no eps
 ]
-CONSTRUCTOR_ONLY = ("decouple",)
-"""ADOPT's `decouple` picks its weight decay's mode at construction; it is no group key."""
-GROUP_CASES = [case for case in CASES if case[1] not in CONSTRUCTOR_ONLY]
+NAMED_AS = {("muon", "muon_lr"): "lr", ("muon", "adamw_betas"): "betas", ("muon", "adamw_eps"): "eps"}
+"""Where the error does not name the argument given: muon_with_adamw hands these on as Muon's `lr` and AdamW's
+`betas` and `eps`, whose checks name those."""
+CONSTRUCTOR_ONLY = ("decouple", "exclude", "muon_lr", "adamw_betas", "adamw_eps")
+"""ADOPT's and Prodigy's `decouple` pick the weight decay's mode at construction, and muon_with_adamw's split
+and its arguments for one side are no group keys (its AdamW groups' are `betas` and `eps`: MUON_ADAMW_GROUPS)."""
+MUON_ADAMW_GROUPS: list[tuple[str, Any, type[Exception]]] = [
+    ("betas", (0.9, 1.0), ValueError),
+    ("betas", 0.9, TypeError),
+    ("eps", -1.0, ValueError),
+]
+GROUP_CASES = [case for case in CASES if case[1] not in CONSTRUCTOR_ONLY] + [
+    ("muon", *case) for case in MUON_ADAMW_GROUPS
+]
+
+
+def new_group(name: str, argument: str, value: Any) -> dict[str, Any]:
+    """A param group with `argument: value`; for `muon`, a matrix for Muon or, with AdamW's keys, a vector."""
+    if name != "muon":
+        return {"params": [torch.zeros(3, requires_grad=True)], argument: value}
+    to_muon = argument not in ("betas", "eps")
+    shape = (3, 3) if to_muon else (3,)
+    return {"params": [torch.zeros(shape, requires_grad=True)], "use_muon": to_muon, argument: value}
 
 
 @pytest.mark.parametrize(("name", "argument", "value", "error"), CASES)
 def test_a_bad_argument_names_itself(name: str, argument: str, value: Any, error: type[Exception]) -> None:
-    with pytest.raises(error, match=argument):
+    with pytest.raises(error, match=NAMED_AS.get((name, argument), argument)):
         make_optimizer(name, [torch.zeros(2, requires_grad=True)], **{argument: value})
 
 
@@ -269,14 +405,15 @@ def test_a_bad_param_group_names_itself_and_is_not_added(
     optimizer = make_optimizer(name, [torch.zeros(2, requires_grad=True)])
     before = snapshot(optimizer)
     with pytest.raises(error, match=argument):
-        optimizer.add_param_group({"params": [torch.zeros(3, requires_grad=True)], argument: value})
+        optimizer.add_param_group(new_group(name, argument, value))
     assert_identical(snapshot(optimizer), before)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_an_unknown_argument_is_refused(name: str) -> None:
-    with pytest.raises(TypeError, match="momentum"):
-        make_optimizer(name, [torch.zeros(2, requires_grad=True)], momentum=0.9)
+    unknown = "betas" if "momentum" in describe(name).defaults else "momentum"  # Muon's momentum is its own
+    with pytest.raises(TypeError, match=unknown):
+        make_optimizer(name, [torch.zeros(2, requires_grad=True)], **{unknown: 0.9})
 
 
 @pytest.mark.parametrize("lr", [0.0, 0, -1e-3, "1e-4"])
