@@ -12,7 +12,18 @@ from typing import Any
 import pytest
 import torch
 
-from dropin_support import NAMES, assert_identical, assert_same_params, make_model, make_optimizer, snapshot, train
+import adaptopt
+from dropin_support import (
+    NAMES,
+    SUMS_IN_ANOTHER_ORDER,
+    assert_identical,
+    assert_same_params,
+    make_model,
+    make_optimizer,
+    reference_execution,
+    snapshot,
+    train,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -32,10 +43,23 @@ class Autocast(torch.nn.Module):
 
 def with_scaler(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, steps: range) -> None:
     def step() -> None:
-        scaler.step(optimizer)
+        for stepped in scaled_parts(optimizer):
+            scaler.step(stepped)
         scaler.update()
 
     train(model, optimizer, steps, backward=lambda loss: scaler.scale(loss).backward(), optimizer_step=step)
+
+
+def scaled_parts(optimizer: torch.optim.Optimizer) -> list[torch.optim.Optimizer]:
+    """What `scaler.step` is called on: the optimizer; for MuonWithAdamW with fp16 params, its Muon and its AdamW,
+    each (GradScaler steps several optimizers per update). MuonWithAdamW does not pass on GradScaler's opt-in
+    (`_step_supports_amp_scaling`) of the master-weight optimizers it holds, so `scaler.step` on it unscales
+    the grads in place itself, which GradScaler refuses for fp16 grads ("Attempting to unscale FP16
+    gradients"); stepped one by one, each unscales into its fp32 master weights."""
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    if isinstance(optimizer, adaptopt.MuonWithAdamW) and any(param.dtype == torch.float16 for param in params):
+        return [optimizer.muon, optimizer.adamw]
+    return [optimizer]
 
 
 VARIANTS: dict[str, tuple[torch.dtype, bool, dict[str, Any]]] = {
@@ -88,7 +112,8 @@ def test_an_inf_or_nan_grad_skips_the_step_and_changes_nothing(
     scaler = torch.amp.GradScaler(device, init_scale=256.0)
     with_scaler(model, optimizer, scaler, range(3))
     assert all(state["step"] == 3 for state in optimizer.state.values()), "a step before the bad one was skipped"
-    before = snapshot(optimizer)
+    stepped_parts = scaled_parts(optimizer)
+    before = [snapshot(part) for part in stepped_parts]
 
     optimizer.zero_grad()
     scaler.scale(
@@ -96,10 +121,18 @@ def test_an_inf_or_nan_grad_skips_the_step_and_changes_nothing(
             model(torch.ones(2, 6, dtype=dtype, device=device)), torch.zeros(2, 3, dtype=dtype, device=device)
         )
     ).backward()
-    list(model.parameters())[2].grad[1, 4] = bad  # type: ignore[index]
-    scaler.step(optimizer)
+    poisoned = list(model.parameters())[2]
+    poisoned.grad[1, 4] = bad  # type: ignore[index]
+    for part in stepped_parts:
+        scaler.step(part)
     scaler.update()
-    assert_identical(snapshot(optimizer), before)
+    for part, then in zip(stepped_parts, before, strict=True):
+        if any(param is poisoned for group in part.param_groups for param in group["params"]):
+            assert_identical(snapshot(part), then)
+        else:
+            # MuonWithAdamW's AdamW, stepped by the scaler on its own (fp16, see `scaled_parts`): GradScaler
+            # decides for each optimizer from its own grads, and AdamW's are finite.
+            assert all(state["step"] == 4 for state in part.state.values())
     assert scaler.get_scale() == 128.0
 
 
@@ -156,13 +189,21 @@ def test_explicit_unscale_then_clip_with_master_weights() -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_master_and_plain_groups_under_one_scaler(name: str) -> None:
     # With master weights in one group, the scaler leaves the unscaling of *every* group to the step.
-    def build_mixed() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    # Under a scaler every group steps through working copies, by the reference loop: for the optimizers whose
+    # sums then go in another order (Prodigy, LAMB) the run without a scaler is the reference loop's too.
+    def build_mixed(**options: Any) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         model = make_model(torch.float32)
         model[0].to(torch.bfloat16)
+        if name == "muon":  # muon_with_adamw takes params, not groups: the second layer's are added
+            optimizer = make_optimizer(name, model[0].parameters(), master_weights=True, **options)
+            optimizer.add_param_group({"params": [model[2].weight], "use_muon": True, "master_weights": False})
+            optimizer.add_param_group({"params": [model[2].bias], "use_muon": False, "master_weights": False})
+            return Autocast(model), optimizer
         groups = [{"params": model[0].parameters(), "master_weights": True}, {"params": model[2].parameters()}]
-        return Autocast(model), make_optimizer(name, groups)
+        return Autocast(model), make_optimizer(name, groups, **options)
 
-    (scaled_model, scaled), (plain_model, plain) = build_mixed(), build_mixed()
+    plain_options = reference_execution() if name in SUMS_IN_ANOTHER_ORDER else {}
+    (scaled_model, scaled), (plain_model, plain) = build_mixed(), build_mixed(**plain_options)
     scaler = torch.amp.GradScaler("cpu")
     with_scaler(scaled_model, scaled, scaler, range(6))
     train(plain_model, plain, range(6))

@@ -9,10 +9,12 @@ from dropin_support import (
     BATCH,
     HESSIAN_EVERY,
     NAMES,
+    SUMS_IN_ANOTHER_ORDER,
     assert_identical,
     assert_same_params,
     make_model,
     make_optimizer,
+    reference_execution,
     train,
 )
 
@@ -33,7 +35,8 @@ def test_masters_follow_an_fp32_run_fed_the_same_grads(name: str, dtype: torch.d
     low = [p.detach().to(dtype).requires_grad_() for p in make_model(torch.float32).parameters()]
     fp32 = [p.detach().float().requires_grad_() for p in low]
     ours = make_optimizer(name, low, master_weights=True)
-    reference = make_optimizer(name, fp32)
+    # Master weights step through the reference loop: where its sums differ from the buckets', so does the run.
+    reference = make_optimizer(name, fp32, **(reference_execution() if name in SUMS_IN_ANOTHER_ORDER else {}))
     for step in range(8):
         grads = synthetic_grads(step, [p.shape for p in low], dtype)
         for optimizer, params in ((ours, low), (reference, fp32)):
@@ -80,8 +83,12 @@ def test_master_weights_let_tiny_updates_accumulate(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_master_weights_on_fp32_params_change_nothing(name: str) -> None:
+    # Nothing but the path: a group with master weights takes the reference loop whatever its dtype, which for
+    # the optimizers that sum in another order there (Prodigy, LAMB) is the plain run to compare with (measured
+    # against the default execution: 3.7e-8 and 1.4e-7 relative after 6 steps, float32's last bits).
     plain, mastered = make_model(torch.float32), make_model(torch.float32)
-    train(plain, make_optimizer(name, plain.parameters()), range(6))
+    plain_options = reference_execution() if name in SUMS_IN_ANOTHER_ORDER else {}
+    train(plain, make_optimizer(name, plain.parameters(), **plain_options), range(6))
     optimizer = make_optimizer(name, mastered.parameters(), master_weights=True)
     train(mastered, optimizer, range(6))
     assert_same_params(mastered, plain)
@@ -109,8 +116,13 @@ def test_a_master_weight_checkpoint_resumes_without_masters(name: str) -> None:
 # Lion steps by sign(m): the rounding of m changes nothing until it flips a sign, which first happens after
 # 20 steps here, and then moves that coordinate by lr (measured over 60 steps: 3.3%). Schedule-Free's state
 # holds z, an iterate of the weights themselves, so bf16 rounds z by up to half a bf16 ulp of |p|, not of
-# the update (measured: 5.2%); bound 10%.
-BF16_STATE_COST_BOUND = {"sophia": 0.05, "lion": 0.05, "schedule_free_adamw": 0.1}
+# the update (measured: 5.2%); bound 10%. Prodigy's state holds p0, the initial weights, which its estimate of
+# the distance travelled compares the weights with: rounded to bf16, p0 - p is off by up to half a bf16 ulp of
+# |p|, as much as the distance itself in the first steps, and d (the step size of every param) follows it
+# (measured: 9.4% over 20 steps, 20% over 40); bound 15%. Muon's update is the momentum orthogonalized, every
+# singular direction moved alike, the weakest too, whose direction a rounding of the momentum turns (measured:
+# 10.9% over 20 steps, 35% over 40); bound 15%. LAMB and Adafactor: 0.32% and 0.17%, within the 1%.
+BF16_STATE_COST_BOUND = {"sophia": 0.05, "lion": 0.05, "schedule_free_adamw": 0.1, "prodigy": 0.15, "muon": 0.15}
 BF16_STATE_STEPS = {"lion": 60}
 
 
