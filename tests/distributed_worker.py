@@ -3,9 +3,10 @@
 `tests/test_distributed.py` runs `run_scenario` in WORLD_SIZE processes with `adaptopt.distributed.launch`
 (gloo on CPU, 127.0.0.1 only); the functions live here, in a module of their own, because the spawned
 processes import them by name. Each scenario trains every case of `CASES` (every adaptopt optimizer, with
-its weight-decay policy) under one kind of data parallelism, each rank taking its half of every global
-batch, and returns what every rank ended with; the test compares that with `single_process_run`, which
-trains the same model on the whole batch with no process group. Everything is float64 so that the only
+its weight-decay policy; `ZERO_CASES` and `FSDP_CASES` where the sharding changes what can be compared)
+under one kind of data parallelism, each rank taking its half of every global batch, and returns what
+every rank ended with; the test compares that with `single_process_run`, which trains the same model on
+the whole batch with no process group. Everything is float64 so that the only
 differences left are the summation orders of the gradient reductions.
 
 Batching every optimizer into one launch keeps the cost of starting processes (importing torch, forming
@@ -49,23 +50,40 @@ torch.compile, which must then compile: its warning that it fell back to eager i
 warnings.filterwarnings("error", message=r"adaptopt: torch\.compile")
 
 
+def every_param(model: nn.Module) -> list[nn.Parameter]:
+    return list(model.parameters())
+
+
+def matrices(model: nn.Module) -> list[nn.Parameter]:
+    """The 2-D params, Muon's (the biases are left alone: ZeRO's Muon case trains the weights only)."""
+    return [param for param in model.parameters() if param.dim() == 2]
+
+
 @dataclass(frozen=True)
 class Case:
-    """One optimizer with hyper-parameters chosen so that its schedule and weight decay matter in STEPS."""
+    """One optimizer with hyper-parameters chosen so that its schedule and weight decay matter in STEPS.
+
+    `optimizer_class` is an optimizer class or a factory of the registry (`muon_with_adamw`); `params` picks
+    the params it is given from the model (all of them, but for ZeRO's Muon)."""
 
     label: str
-    optimizer_class: type[adaptopt.GenericAdaptiveOptimizer]
+    optimizer_class: Callable[..., torch.optim.Optimizer]
     hyperparams: dict[str, Any] = field(default_factory=dict)
+    params: Callable[[nn.Module], list[nn.Parameter]] = every_param
 
     def kwargs(self, execution: str) -> dict[str, Any]:
         return self.hyperparams if execution == "default" else {**self.hyperparams, "execution": execution}
 
-    def make(self, params: Any, execution: str) -> adaptopt.GenericAdaptiveOptimizer:
+    def make(self, params: Any, execution: str) -> torch.optim.Optimizer:
         return self.optimizer_class(params, **self.kwargs(execution))
+
+    def build(self, model: nn.Module, execution: str) -> torch.optim.Optimizer:
+        """The optimizer over `model`'s params that this case trains."""
+        return self.make(self.params(model), execution)
 
     @property
     def estimates_hessian(self) -> bool:
-        return issubclass(self.optimizer_class, adaptopt.Sophia)
+        return isinstance(self.optimizer_class, type) and issubclass(self.optimizer_class, adaptopt.Sophia)
 
 
 CASES: tuple[Case, ...] = (
@@ -98,7 +116,52 @@ CASES: tuple[Case, ...] = (
         adaptopt.ScheduleFreeAdamW,
         dict(lr=1e-2, warmup_steps=3, weight_decay=0.01),
     ),
+    # d grows from d0 within the run; its sums are over every param.
+    Case("prodigy", adaptopt.Prodigy, dict(lr=1.0, d0=1e-4, weight_decay=WeightDecay(0.01))),
+    # apex's decay inside the trust ratio, and a global-norm clipping that acts at every step here.
+    Case("lamb", adaptopt.LAMB, dict(lr=1e-2, weight_decay=0.01, max_grad_norm=0.5)),
+    Case("adafactor", adaptopt.Adafactor, dict(lr=1e-2, weight_decay=WeightDecay(0.01))),
+    # The registry's muon: Muon for the two weights, AdamW for the biases.
+    Case("muon", adaptopt.muon_with_adamw, dict(lr=1e-2, weight_decay=0.01)),
 )
+"""The cases of DDP (and of the single process they are compared with)."""
+
+ZERO_REPLACED: dict[str, Case] = {
+    # Each rank's optimizer holds its share of the params: Prodigy's sums must be all-reduced over the ranks,
+    # which `fsdp_in_use=True` does (without it each rank estimates d from its share: measured 1.3e-2 off).
+    "prodigy": Case(
+        "prodigy_fsdp_in_use", adaptopt.Prodigy, dict(lr=1.0, d0=1e-4, weight_decay=WeightDecay(0.01), fsdp_in_use=True)
+    ),
+    # LAMB's clipping takes the norm of the rank's share of the grads, not of all of them, and LAMB has nothing
+    # to all-reduce it with (measured: 6.6e-3 off with max_grad_norm=0.5): under ZeRO, without the clipping.
+    "lamb": Case("lamb_unclipped", adaptopt.LAMB, dict(lr=1e-2, weight_decay=0.01, max_grad_norm=None)),
+    # ZeroRedundancyOptimizer builds `optimizer_class(param_groups, **defaults)` on each rank: muon_with_adamw,
+    # which splits params and returns a MuonWithAdamW, cannot be it. Muon itself can, over the matrices.
+    "muon": Case("muon_matrices", adaptopt.Muon, dict(lr=1e-2, weight_decay=0.01), params=matrices),
+}
+ZERO_CASES: tuple[Case, ...] = tuple(ZERO_REPLACED.get(case.label, case) for case in CASES)
+"""The cases of ZeroRedundancyOptimizer: CASES, but where the rank's share of the params changes the math."""
+
+FSDP_UNSUPPORTED: dict[str, str] = {
+    "prodigy": "reduce_param flattens the grad (reshape(-1)), which DTensor refuses for the unevenly sharded "
+    "3-row layer: 'Cannot flatten unevenly sharded tensor'; evenly sharded it needs fsdp_in_use=True (measured "
+    "1e-16 from one process), as the base's float() of a Partial(sum) DTensor total is the rank's own sum",
+    "adafactor": "the RMS of a param, a DTensor norm (_NormPartial placement), is divided in place (div_), "
+    "which DTensor refuses: 'in-place operations that require placement changes are not supported'",
+    "muon": "Newton-Schulz normalises by a DTensor norm clamped in place (clamp_), which DTensor refuses: "
+    "'in-place operations that require placement changes are not supported'",
+}
+"""Optimizers that fail under FSDP2's DTensor params (the test checks that these and FSDP_CASES cover them all)."""
+FSDP_REPLACED: dict[str, Case] = {
+    # The base's float() of the global norm (a Partial(sum) DTensor) is the rank's shard's: every rank clips by
+    # its own shard's norm (measured 1e-2 off with max_grad_norm=0.5). The trust ratio's norms are right.
+    "lamb": ZERO_REPLACED["lamb"],
+}
+FSDP_CASES: tuple[Case, ...] = tuple(
+    FSDP_REPLACED.get(case.label, case) for case in CASES if case.label not in FSDP_UNSUPPORTED
+)
+"""The cases of FSDP2."""
+ALL_CASES: tuple[Case, ...] = tuple({case.label: case for case in (*CASES, *ZERO_CASES, *FSDP_CASES)}.values())
 
 
 ADDED_GROUPS_CASE = Case("adam_added_groups", adaptopt.Adam, dict(lr=1e-2, weight_decay=WeightDecay(0.1)))
@@ -118,9 +181,12 @@ def with_added_groups(model: nn.Module, make: Callable[[list[nn.Parameter]], tor
     return optimizer
 
 
-def covered_optimizers() -> set[str]:
-    """The registry names the cases cover (the test checks that this is every adaptopt optimizer)."""
-    classes = {case.optimizer_class for case in CASES}
+def covered_optimizers(cases: tuple[Case, ...] = CASES) -> set[str]:
+    """The registry names the cases cover (the test checks that this is every adaptopt optimizer); Muon alone
+    stands for `muon`, whose factory splits the params between it and AdamW."""
+    classes = {case.optimizer_class for case in cases}
+    if adaptopt.Muon in classes:
+        classes.add(adaptopt.muon_with_adamw)
     return {name for name in adaptopt.available() if adaptopt.describe(name).factory in classes}
 
 
@@ -218,12 +284,22 @@ def added_groups_single_process_run() -> dict[str, torch.Tensor]:
     return _detached(model.state_dict())
 
 
-def single_process_run(case: Case, rows: int = GLOBAL_BATCH) -> tuple[dict[str, torch.Tensor], dict[int, Any]]:
+def single_process_run(case: Case, rows: int = GLOBAL_BATCH) -> tuple[dict[str, torch.Tensor], dict[Any, Any]]:
     """The oracle: the whole batch in one process; final parameters and optimizer state."""
     model = build_model()
-    optimizer = case.make(model.parameters(), "default")
+    optimizer = case.build(model, "default")
     train(model, optimizer, case, range(STEPS), rows=rows)
-    return _detached(model.state_dict()), optimizer.state_dict()["state"]
+    return _detached(model.state_dict()), per_param_state(optimizer.state_dict())
+
+
+def per_param_state(state_dict: dict[str, Any]) -> dict[Any, Any]:
+    """The per-param state of a state dict; MuonWithAdamW's holds Muon's and AdamW's, by "muon/i", "adamw/i"."""
+    if set(state_dict) == {"muon", "adamw"}:
+        return {
+            f"{part}/{index}": entry for part in ("muon", "adamw") for index, entry in state_dict[part]["state"].items()
+        }
+    state: dict[Any, Any] = state_dict["state"]
+    return state
 
 
 def _detached(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -241,13 +317,13 @@ def _full(value: Any) -> Any:
     return copy.deepcopy(value)
 
 
-def _full_state(state: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+def _full_state(state: dict[Any, dict[str, Any]]) -> dict[Any, dict[str, Any]]:
     return {index: {key: _full(value) for key, value in entry.items()} for index, entry in sorted(state.items())}
 
 
-def _runs() -> Iterator[tuple[str, Case, str]]:
+def _runs(cases: tuple[Case, ...] = CASES) -> Iterator[tuple[str, Case, str]]:
     for execution in EXECUTIONS:
-        for case in CASES:
+        for case in cases:
             yield f"{case.label}/{execution}", case, execution
 
 
@@ -275,21 +351,21 @@ def scenario_ddp(out: Path) -> dict[str, Any]:
     }
     for rows, case in itertools.product(AVERAGED_ROWS, CASES):
         model = build_model()
-        optimizer = case.make(model.parameters(), "default")
+        optimizer = case.build(model, "default")
         train(model, optimizer, case, range(STEPS), rows=rows, average=True)
         results[f"{case.label}/average_gradients/rows={rows}"] = {
             "params": _detached(model.state_dict()),
-            "state": _full_state(optimizer.state_dict()["state"]),
+            "state": _full_state(per_param_state(optimizer.state_dict())),
         }
     for key, case, execution in _runs():
         for bucket_view, set_to_none in DDP_GRAD_MODES:
             model = data_parallel(build_model(), gradient_as_bucket_view=bucket_view)
-            optimizer = case.make(model.parameters(), execution)
+            optimizer = case.build(model, execution)
             train(model, optimizer, case, range(STEPS), set_to_none=set_to_none)
             results[f"{key}/bucket_view={bucket_view}/set_to_none={set_to_none}"] = {
                 "wrapper": type(model).__name__,
                 "params": _detached(model.module.state_dict()),
-                "state": _full_state(optimizer.state_dict()["state"]),
+                "state": _full_state(per_param_state(optimizer.state_dict())),
             }
     return results
 
@@ -312,7 +388,7 @@ def scenario_zero(out: Path) -> dict[str, Any]:
             module.load_state_dict(model_state)
         model = data_parallel(module)
         optimizer = ZeroRedundancyOptimizer(
-            model.parameters(),
+            case.params(model),
             optimizer_class=case.optimizer_class,
             parameters_as_bucket_view=bucket_view,
             **case.kwargs(execution),
@@ -320,7 +396,7 @@ def scenario_zero(out: Path) -> dict[str, Any]:
         return model, optimizer
 
     results: dict[str, Any] = {}
-    for run_key, case, execution in _runs():
+    for run_key, case, execution in _runs(ZERO_CASES):
         for bucket_view in (False, True):
             key = f"{run_key}/bucket_view={bucket_view}"
             model, optimizer = make(case, execution, bucket_view)
@@ -384,16 +460,16 @@ def scenario_fsdp(out: Path) -> dict[str, Any]:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    def make(case: Case, execution: str) -> tuple[nn.Module, adaptopt.GenericAdaptiveOptimizer]:
+    def make(case: Case, execution: str) -> tuple[nn.Module, torch.optim.Optimizer]:
         model = build_model()
         for layer in model:
             if isinstance(layer, nn.Linear):
                 fully_shard(layer)
         fully_shard(model)
-        return model, case.make(model.parameters(), execution)
+        return model, case.build(model, execution)
 
     results: dict[str, Any] = {}
-    for key, case, execution in _runs():
+    for key, case, execution in _runs(FSDP_CASES):
         checkpoint_dir = out / "dcp" / key.replace("/", "-")
         model, optimizer = make(case, execution)
         local_shapes = {
@@ -404,7 +480,7 @@ def scenario_fsdp(out: Path) -> dict[str, Any]:
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=checkpoint_dir)
         train(model, optimizer, case, range(STEPS_BEFORE_CHECKPOINT, STEPS))
         params = {name: _full(p) for name, p in model.named_parameters()}
-        state = _full_state(optimizer.state_dict()["state"])
+        state = _full_state(per_param_state(optimizer.state_dict()))
 
         resumed_model, resumed_optimizer = make(case, execution)
         model_state, optimizer_state = get_state_dict(resumed_model, resumed_optimizer)
@@ -419,7 +495,7 @@ def scenario_fsdp(out: Path) -> dict[str, Any]:
             "state": state,
             "local_shapes": local_shapes,
             "resumed_params": {name: _full(p) for name, p in resumed_model.named_parameters()},
-            "resumed_state": _full_state(resumed_optimizer.state_dict()["state"]),
+            "resumed_state": _full_state(per_param_state(resumed_optimizer.state_dict())),
         }
     return results
 

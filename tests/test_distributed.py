@@ -1,10 +1,13 @@
 """adaptopt under torch.distributed: DDP, ZeroRedundancyOptimizer and FSDP2 with distributed checkpoints.
 
 Each scenario test starts two real processes with `adaptopt.distributed.launch` (gloo, CPU, 127.0.0.1 on
-a free port) that run `distributed_worker.run_scenario`: every optimizer in `CASES`, each rank taking half
-of every global batch. It compares what they end with against `single_process_run`: the same model
-trained on the whole batch in this process. One launch per scenario covers every optimizer, so the file
-costs five process-group start-ups (three scenarios and two of the launcher's failure modes).
+a free port) that run `distributed_worker.run_scenario`: every optimizer in `CASES` (DDP), `ZERO_CASES`
+(ZeroRedundancyOptimizer: Prodigy with its sums all-reduced, LAMB without its clipping, Muon alone over the
+matrices) or `FSDP_CASES` (FSDP2: LAMB without its clipping; Prodigy, Adafactor and Muon fail on DTensor params,
+`FSDP_UNSUPPORTED` says how), each rank taking half of every global batch. It compares what they end
+with against `single_process_run`: the same model trained on the whole batch in this process. One launch
+per scenario covers every optimizer, so the file costs five process-group start-ups (three scenarios and two
+of the launcher's failure modes).
 
 Tolerance. All runs are float64. A data-parallel gradient is the mean of the ranks' half-batch means, a
 single-process gradient the mean over the whole batch: the same numbers summed in a different order,
@@ -29,13 +32,17 @@ import adaptopt
 from adaptopt.distributed import launch
 from distributed_worker import (
     ADDED_GROUPS_CASE,
+    ALL_CASES,
     AVERAGED_ROWS,
     CASES,
     DDP_GRAD_MODES,
     EXECUTIONS,
+    FSDP_CASES,
+    FSDP_UNSUPPORTED,
     STEPS,
     STEPS_BEFORE_CHECKPOINT,
     WORLD_SIZE,
+    ZERO_CASES,
     added_groups_single_process_run,
     build_model,
     covered_optimizers,
@@ -67,8 +74,8 @@ def launch_scenario(scenario: str, out: Path) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def references() -> dict[str, tuple[dict[str, torch.Tensor], dict[int, dict[str, Any]]]]:
-    """The single-process run of every case: final params and optimizer state."""
-    return {case.label: single_process_run(case) for case in CASES}
+    """The single-process run of every case (of every scenario): final params and optimizer state."""
+    return {case.label: single_process_run(case) for case in ALL_CASES}
 
 
 def assert_close_tensors(actual: dict[Any, Any], expected: dict[Any, Any], what: str) -> None:
@@ -94,7 +101,12 @@ def assert_equal_tensors(actual: dict[str, torch.Tensor], expected: dict[str, to
 
 
 def test_cases_cover_every_optimizer() -> None:
-    assert covered_optimizers() == set(adaptopt.available()) - {"sgd"}
+    every = set(adaptopt.available()) - {"sgd"}
+    assert covered_optimizers() == every
+    assert covered_optimizers(ZERO_CASES) == every  # muon as Muon alone, over the matrices
+    # FSDP2: every optimizer but those that fail on DTensor params, each with the reason (FSDP_UNSUPPORTED).
+    assert covered_optimizers(FSDP_CASES) == every - set(FSDP_UNSUPPORTED)
+    assert set(FSDP_UNSUPPORTED) == {"prodigy", "adafactor", "muon"} and all(FSDP_UNSUPPORTED.values())
 
 
 def test_ddp(tmp_path: Path, references: dict[str, Any]) -> None:
@@ -125,14 +137,15 @@ def test_ddp(tmp_path: Path, references: dict[str, Any]) -> None:
 
 def test_zero_redundancy_optimizer(tmp_path: Path, references: dict[str, Any]) -> None:
     ranks = launch_scenario("zero", tmp_path)
-    for case in CASES:
+    for case in ZERO_CASES:
         expected_params, expected_state = references[case.label]
         for execution, bucket_view in itertools.product(EXECUTIONS, (False, True)):
             key = f"{case.label}/{execution}/bucket_view={bucket_view}"
             first, second = (results[key] for results in ranks)
             # Each rank's local optimizer holds a non-empty share of the params, together all of them.
             assert all(first["local_params"]) and all(second["local_params"]), key
-            assert sum(first["local_params"]) + sum(second["local_params"]) == len(expected_params), key
+            trained = len(case.params(build_model()))  # all four, or Muon's two matrices
+            assert sum(first["local_params"]) + sum(second["local_params"]) == trained, key
             assert_equal_tensors(second["params"], first["params"], f"{key}: rank 1 against rank 0")
             assert_close_tensors(first["params"], expected_params, f"{key}: params")
             assert_close_state(first["state_dict"]["state"], expected_state, f"{key}: consolidated state")
@@ -144,7 +157,7 @@ def test_zero_redundancy_optimizer(tmp_path: Path, references: dict[str, Any]) -
             # it, weight-decay policy and all, and continues as the ranks did.
             model = build_model()
             model.load_state_dict(first["checkpoint_params"])
-            optimizer = case.make(model.parameters(), execution)
+            optimizer = case.build(model, execution)
             optimizer.load_state_dict(first["checkpoint_state_dict"])
             train(model, optimizer, case, range(STEPS_BEFORE_CHECKPOINT, STEPS))
             assert_close_tensors(dict(model.state_dict()), expected_params, f"{key}: single process from ZeRO's state")
@@ -160,7 +173,7 @@ def test_zero_redundancy_optimizer(tmp_path: Path, references: dict[str, Any]) -
 
 def test_fsdp2_and_distributed_checkpoint(tmp_path: Path, references: dict[str, Any]) -> None:
     ranks = launch_scenario("fsdp", tmp_path)
-    for case in CASES:
+    for case in FSDP_CASES:
         expected_params, expected_state = references[case.label]
         for execution in EXECUTIONS:
             key = f"{case.label}/{execution}"
