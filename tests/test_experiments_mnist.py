@@ -12,7 +12,7 @@ import matplotlib.image
 import pytest
 import torch
 
-from adaptopt import ScheduleFreeAdamW, Sophia, registry
+from adaptopt import MuonWithAdamW, ScheduleFreeAdamW, Sophia, registry
 from adaptopt.experiments import cli, train
 from test_experiments_data import TEST_SIZE, TRAIN_SIZE, isolated_data_locations, one_thread, write_dataset
 
@@ -92,6 +92,13 @@ def test_outputs_schema_table_and_plots(data_dir: Path, tmp_path: Path, capsys: 
         "lr": 0.001,
         "alpha_warmup": 2 * STEPS_PER_EPOCH,
         "beta3_warmup": 2 * STEPS_PER_EPOCH,
+    }
+    assert document["optimizers"]["prodigy"]["hyperparameters"] == {"lr": 1.0}
+    assert document["optimizers"]["muon"]["hyperparameters"] == {
+        "lr": 0.001,
+        "muon_lr": 0.02,
+        "adjust_lr_fn": "original",
+        "weight_decay": 0.0,
     }
     # The bright square of the synthetic images is easy: Adam learns it.
     assert document["optimizers"]["adam"]["epochs"][-1]["test_accuracy"] > 0.5
@@ -283,6 +290,39 @@ def test_schedule_free_is_evaluated_in_eval_mode_and_trained_in_train_mode(
     checkpoint = torch.load(out / "checkpoints/schedule_free_adamw.pt", weights_only=True)
     groups = checkpoint["optimizer"]["param_groups"]
     assert [group["train_mode"] for group in groups] == [False] and groups[0]["k"] == 2 * STEPS_PER_EPOCH
+
+
+def test_muon_is_given_the_model_so_that_its_output_layer_goes_to_adamw() -> None:
+    run = train.make_run("muon", {"lr": 1e-3, "muon_lr": 0.02}, train.initial_state(0), seed=0)
+    optimizer = run.optimizer
+    assert isinstance(optimizer, MuonWithAdamW)
+    model = run.model
+    # fc1 is the one hidden matrix; the convs' weights are 4-D, fc2 is the output layer.
+    assert [p for group in optimizer.muon.param_groups for p in group["params"]] == [model.fc1.weight]
+    adamw = [p for group in optimizer.adamw.param_groups for p in group["params"]]
+    assert len(adamw) == len(list(model.parameters())) - 1 and all(p is not model.fc1.weight for p in adamw)
+    assert optimizer.muon.param_groups[0]["lr"] == 0.02 and optimizer.adamw.param_groups[0]["lr"] == 1e-3
+
+
+def test_muon_resumes_from_ctrl_c_identically(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its checkpoint holds Muon's and AdamW's state dicts in one (MuonWithAdamW's).
+    assert run_cli(data_dir, tmp_path / "first", optimizers="muon") == 0
+    real_train_step = train.train_step
+
+    def train_step_then_ctrl_c(run: train.OptimizerRun, *args: Any, **kwargs: Any) -> float:
+        loss = real_train_step(run, *args, **kwargs)
+        if run.steps == STEPS_PER_EPOCH + 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(train, "train_step", train_step_then_ctrl_c)
+    interrupted = tmp_path / "interrupted"
+    assert run_cli(data_dir, interrupted, optimizers="muon") == 130
+    checkpoint = torch.load(interrupted / "checkpoints/muon.pt", weights_only=True)
+    assert set(checkpoint["optimizer"]) == {"muon", "adamw"} and checkpoint["batch_in_epoch"] == 3
+    monkeypatch.setattr(train, "train_step", real_train_step)
+    assert run_cli(data_dir, interrupted, "--resume", optimizers="muon") == 0
+    assert numbers(interrupted) == numbers(tmp_path / "first")
 
 
 def test_has_modes_is_about_the_optimizer_not_its_name() -> None:

@@ -14,7 +14,12 @@ This loss has no curvature, so Sophia runs with $h = 0$: clipped sign-momentum s
 its clipping, as analysed in its paper (Taniguchi et al., 2024): the clip bounds the normalised gradient by
 $t^{1/4}$, which here cuts the rare large gradient down to a few times a small one, and it then goes the
 way of Adam; unclipped, it converges to $-1$ with $\beta_2 = 0.99$ as the paper proves. AdEMAMix keeps its
-slow $\beta_3 = 0.9999$ beside the paper's pair.
+slow $\beta_3 = 0.9999$ beside the paper's pair. Prodigy and LAMB take steps relative to a distance, and
+here there is none to start from: LAMB moves each tensor by its learning rate times the tensor's norm, 0 at
+$x_0 = 0$, and Prodigy's estimate $d$ of the distance to travel stays near its $d_0 = 10^{-6}$ (the
+schedule multiplies its lr, a factor of $d$); both stay within $2 \cdot 10^{-6}$ of 0. Adafactor goes to
+$+1$ as Adam does. `muon`'s $x$ is a vector, which `muon_with_adamw` gives to its AdamW: with the paper's
+betas and no decay (as for the rest of the family), that is Adam (both problems' points are vectors).
 
 **Rosenbrock**, $f(x, y) = (1 - x)^2 + 100 (y - x^2)^2$ from $(-1.2, 1)$, minimum at $(1, 1)$. Sophia's
 Hessian estimate is the Gauss-Newton-Bartlett one of a least-squares loss: $f = \tfrac12 \lVert r \rVert^2$
@@ -52,6 +57,8 @@ _ONLINE_HYPERPARAMETERS: dict[str, dict[str, Any]] = {
     "sophia": {"betas": (0.9, 0.99)},
     "adopt": {"clip_lambda": None},
     "ademamix": {"betas": (0.9, 0.99, 0.9999)},
+    # x is a vector: muon_with_adamw gives it to its AdamW, whose betas are `adamw_betas`.
+    "muon": {"adamw_betas": (0.9, 0.99), "weight_decay": 0.0},
     "sgd": {"momentum": 0.0},
 }
 # Rosenbrock: the Adam family at a step that crosses the valley in a few thousand steps; SGD needs
@@ -63,7 +70,13 @@ _ONLINE_HYPERPARAMETERS: dict[str, dict[str, Any]] = {
 # forgets the start's gradient only with beta2 = 0.99 (with its 0.9999 it ends at (-0.54, 0.30)), and
 # Schedule-Free gets the same beta2. AdEMAMix's slow momentum with beta3 = 0.9999 remembers the whole
 # descent and carries the point out of the curving valley (measured: to (6.5, 42)); 0.999 with the
-# paper's warm-ups over the whole run follows it.
+# paper's warm-ups over the whole run follows it. Prodigy estimates its own step: at lr 1 (its default, a
+# factor of the estimate) it ends 1.5e-7 from the minimum. LAMB moves the point by lr times its norm every step
+# (the trust ratio, always on with use_nvlamb, and without apex's decay, which pulls the point to 0): 1e-2 ends
+# 0.036 from the minimum, circling it at that step; at 3e-3 its steps shrink with the norm on the way through
+# the origin, where it stays. Adafactor at the 0.02 of the rest ends 0.13 from the minimum (0.30 at its default
+# 1e-2): its steps are relative, that rate times the point's RMS, and their RMS is clipped at 1. muon: its AdamW
+# (the point is a vector) without decay, 4e-4 from the minimum; Moonshot's default decay of 0.1 pulls it 0.12 off.
 _ROSENBROCK_HYPERPARAMETERS: dict[str, dict[str, Any]] = {
     "radam": {"degenerate_to_sgd": False},
     "adabelief": {"degenerate_to_sgd": False},
@@ -79,6 +92,9 @@ _ROSENBROCK_HYPERPARAMETERS: dict[str, dict[str, Any]] = {
         "beta3_warmup": ROSENBROCK_STEPS,
     },
     "schedule_free_adamw": {"betas": (0.9, 0.99), "warmup_steps": ROSENBROCK_STEPS // 20},
+    "prodigy": {"lr": 1.0},
+    "lamb": {"lr": 1e-2, "weight_decay": 0.0, "use_nvlamb": True},
+    "muon": {"lr": 0.02, "weight_decay": 0.0},
     "sgd": {"lr": 5e-4, "momentum": 0.9},
 }
 
@@ -99,7 +115,8 @@ def online_counterexample(name: str, steps: int = ONLINE_STEPS, alpha: float = O
     iterates: list[float] = []
     for t in range(1, steps + 1):
         if not own_schedule:
-            optimizer.param_groups[0]["lr"] = alpha / math.sqrt(t)
+            for group in optimizer.param_groups:  # muon's: its Muon's (empty) and its AdamW's
+                group["lr"] = alpha / math.sqrt(t)
         x.grad = large if t % ONLINE_PERIOD == 1 else small
         optimizer.step()
         with torch.no_grad():

@@ -346,11 +346,18 @@ def _stop_on_sigint(stop: StopFlag) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+GIVEN_THE_MODEL = ("muon",)
+"""Optimizers whose factory splits a model by its modules, and so is given the model itself rather than its
+params: `muon_with_adamw` leaves the output layer (fc2) to AdamW, as well as the convs' 4-D weights and the
+biases, so that Muon takes the hidden matrix, fc1."""
+
+
 def make_run(name: str, hyperparameters: dict[str, Any], weights: dict[str, torch.Tensor], seed: int) -> OptimizerRun:
     """A fresh model from `weights` and the optimizer `name` over it."""
     model = MnistCnn()
     model.load_state_dict(copy.deepcopy(weights))
-    optimizer = registry.create(name, model.parameters(), **hyperparameters)
+    params: Any = model if name in GIVEN_THE_MODEL else model.parameters()
+    optimizer = registry.create(name, params, **hyperparameters)
     sampler = torch.Generator().manual_seed(seed + 1)
     return OptimizerRun(name, model, optimizer, sampler, hyperparameters)
 
