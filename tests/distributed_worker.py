@@ -142,20 +142,21 @@ ZERO_REPLACED: dict[str, Case] = {
 ZERO_CASES: tuple[Case, ...] = tuple(ZERO_REPLACED.get(case.label, case) for case in CASES)
 """The cases of ZeroRedundancyOptimizer: CASES, but where the rank's share of the params changes the math."""
 
-FSDP_UNSUPPORTED: dict[str, str] = {
-    "prodigy": "reduce_param flattens the grad (reshape(-1)), which DTensor refuses for the unevenly sharded "
-    "3-row layer: 'Cannot flatten unevenly sharded tensor'; evenly sharded it needs fsdp_in_use=True (measured "
-    "1e-16 from one process), as the base's float() of a Partial(sum) DTensor total is the rank's own sum",
-    "adafactor": "the RMS of a param, a DTensor norm (_NormPartial placement), is divided in place (div_), "
-    "which DTensor refuses: 'in-place operations that require placement changes are not supported'",
-    "muon": "Newton-Schulz normalises by a DTensor norm clamped in place (clamp_), which DTensor refuses: "
-    "'in-place operations that require placement changes are not supported'",
-}
-"""Optimizers that fail under FSDP2's DTensor params (the test checks that these and FSDP_CASES cover them all)."""
+FSDP_UNSUPPORTED: dict[str, str] = {}
+"""Optimizers that fail under FSDP2's DTensor params, with the reason (the test checks that these and FSDP_CASES
+cover them all). None now: the base sums a first pass's partial DTensor totals over the ranks (LAMB's global
+norm, Prodigy's estimate), and the optimizers' reductions are DTensors that stay out of in-place ops."""
 FSDP_REPLACED: dict[str, Case] = {
-    # The base's float() of the global norm (a Partial(sum) DTensor) is the rank's shard's: every rank clips by
-    # its own shard's norm (measured 1e-2 off with max_grad_norm=0.5). The trust ratio's norms are right.
-    "lamb": ZERO_REPLACED["lamb"],
+    # torch.distributed.checkpoint's get_state_dict reads torch's state_dict format, which MuonWithAdamW's
+    # {"muon": ..., "adamw": ...} is not: under FSDP2 with distributed checkpoints, Muon over the matrices. Its
+    # Newton-Schulz in float64: on shards DTensor sums the products in another order, which in bfloat16 ends
+    # 4e-2 away from one process (an equally valid rounding), in float64 at rounding.
+    "muon": Case(
+        "muon_matrices_float64",
+        adaptopt.Muon,
+        dict(lr=1e-2, weight_decay=0.01, ns_dtype=torch.float64),
+        params=matrices,
+    ),
 }
 FSDP_CASES: tuple[Case, ...] = tuple(
     FSDP_REPLACED.get(case.label, case) for case in CASES if case.label not in FSDP_UNSUPPORTED

@@ -289,6 +289,9 @@ class GenericAdaptiveOptimizer(Optimizer):
         def add(parts: Mapping[str, torch.Tensor]) -> None:
             for name, value in parts.items():
                 value = value.detach().to(torch.float64).sum()
+                # A sum over a DTensor shard (FSDP2) is partial: its full value is the sum over the ranks.
+                full_tensor = getattr(value, "full_tensor", None)
+                value = full_tensor() if callable(full_tensor) else value
                 totals[name] = totals[name] + value.to(totals[name].device) if name in totals else value
 
         def collect(state: State, group: Group, grad: torch.Tensor, param: torch.Tensor) -> None:

@@ -87,13 +87,14 @@ def factored_second_moment(
 ) -> torch.Tensor:
     """Advance $R_t$, $C_t$ in place by `weight` $= 1 - \\hat\\beta_{2,t}$; return a new $\\hat V_t$."""
     # mean(g^2) along a dim as norm(g)^2 / size: no temporary the size of g.
-    row_mean = torch.linalg.vector_norm(grad, dim=-1, keepdim=True).square_().div_(grad.size(-1))
+    # Out of place on reductions: under FSDP2 they are DTensors with partial placements, which refuse in-place ops.
+    row_mean = torch.linalg.vector_norm(grad, dim=-1, keepdim=True).square().div(grad.size(-1))
     row_var.lerp_(row_mean, weight)
-    col_mean = torch.linalg.vector_norm(grad, dim=-2, keepdim=True).square_().div_(grad.size(-2))
+    col_mean = torch.linalg.vector_norm(grad, dim=-2, keepdim=True).square().div(grad.size(-2))
     col_var.lerp_(col_mean, weight)
     # R_t C_t, the (m, 1) x (1, n) outer product as a matmul: batched over any leading dims.
     estimate = row_var @ col_var
-    return estimate.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=eps1))
+    return estimate.div_(row_var.mean(dim=-2, keepdim=True).clamp(min=eps1))
 
 
 def unfactored_second_moment(variance: torch.Tensor, grad: torch.Tensor, weight: float) -> torch.Tensor:
@@ -213,8 +214,8 @@ class Adafactor(GenericAdaptiveOptimizer):
     def update(self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor, scalars: Scalars) -> None:
         """The base's update, with $\\alpha_t$ measured on $\\theta_{t-1}$ before the base decays it."""
         batch_dims = scalars.get(BATCH_DIMS, 0)
-        rms = per_param_norm(param, batch_dims).div_(_sqrt_numel_per_param(param, batch_dims))
-        step_size = rms.clamp_(min=group["eps2"]).mul_(scalars["relative_step"])
+        rms = per_param_norm(param, batch_dims).div(_sqrt_numel_per_param(param, batch_dims))
+        step_size = rms.clamp(min=group["eps2"]).mul(scalars["relative_step"])
         super().update(state, group, grad, param, {**scalars, "step_size": step_size})
 
     def step_param(self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor, scalars: Scalars) -> None:
@@ -229,8 +230,8 @@ class Adafactor(GenericAdaptiveOptimizer):
         update = second_moment.clamp_(min=eps1 * eps1).rsqrt_().mul_(grad)
         # max(1, RMS(U_t) / d), divided in one go as torch does.
         batch_dims = scalars.get(BATCH_DIMS, 0)
-        clipping = per_param_norm(update, batch_dims).div_(_sqrt_numel_per_param(update, batch_dims) * group["d"])
-        step = scalars["step_size"] / clipping.clamp_(min=1.0)
+        clipping = per_param_norm(update, batch_dims).div(_sqrt_numel_per_param(update, batch_dims) * group["d"])
+        step = scalars["step_size"] / clipping.clamp(min=1.0)
         param.addcmul_(update, step, value=-1.0)
 
     def state_dict(self) -> dict[str, Any]:

@@ -125,7 +125,8 @@ def newton_schulz_orthogonalize(
     tall = matrix.size(-2) > matrix.size(-1)
     if tall:
         work = work.mT  # iterate on the wide side, where X X^T is the smaller Gram matrix
-    work.div_(torch.linalg.vector_norm(work, dim=(-2, -1), keepdim=True).clamp_(min=eps))
+    # The norm clamped out of place: under FSDP2 it is a DTensor with a partial placement (no in-place ops).
+    work.div_(torch.linalg.vector_norm(work, dim=(-2, -1), keepdim=True).clamp(min=eps))
     for _ in range(steps):
         gram = work @ work.mT
         polynomial = _scaled_matmul_add(gram, gram, gram, beta=b, alpha=c)  # b A + c A^2

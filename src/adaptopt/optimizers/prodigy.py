@@ -110,9 +110,11 @@ class Prodigy(GenericAdaptiveOptimizer):
         super().__init__(params, defaults, weight_decay=weight_decay, **options)
 
     def init_state(self, state: State, group: Group, param: torch.Tensor) -> None:
-        sliced = param.detach().flatten()[:: group["slice_p"]]
-        state["s"] = torch.zeros_like(sliced) if group["slice_p"] > 1 else torch.zeros_like(param)
-        state["p0"] = sliced.clone() if group["slice_p"] > 1 else param.detach().clone()
+        if group["slice_p"] > 1:
+            sliced = param.detach().flatten()[:: group["slice_p"]]
+            state["s"], state["p0"] = torch.zeros_like(sliced), sliced.clone()
+        else:  # not flattened: an unevenly sharded DTensor (FSDP2) cannot be
+            state["s"], state["p0"] = torch.zeros_like(param), param.detach().clone()
         if group["betas"][0] > 0:
             state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
@@ -165,9 +167,14 @@ class Prodigy(GenericAdaptiveOptimizer):
         sliced_grad = grad.flatten()[::slice_p] if slice_p > 1 else grad
         sliced_param = param.flatten()[::slice_p] if slice_p > 1 else param
         # <g, theta_0 - theta>, with theta before this step.
-        numerator = (
-            torch.dot(sliced_grad.reshape(-1), (state["p0"] - sliced_param).reshape(-1)) * scalars["numerator_rate"]
+        distance = state["p0"] - sliced_param
+        # torch.dot, as prodigyopt; a DTensor shard (FSDP2) cannot be flattened when unevenly sharded: a sum.
+        inner = (
+            torch.dot(sliced_grad.reshape(-1), distance.reshape(-1))
+            if type(grad) is torch.Tensor
+            else (sliced_grad * distance).sum()
         )
+        numerator = inner * scalars["numerator_rate"]
         if scalars["keeps_exp_avg"]:
             state["exp_avg"].mul_(beta1).add_(grad, alpha=scalars["exp_avg_rate"])
         state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=scalars["exp_avg_sq_rate"])
