@@ -91,7 +91,9 @@ class LAMB(GenericAdaptiveOptimizer):
     def reduce_param(
         self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor, scalars: Scalars
     ) -> dict[str, torch.Tensor]:
-        return {"grad_norm_squared": grad.square().sum()}
+        # In float64 (squares of float32 and narrower are exact there): a bucket's one sum then equals the
+        # reference loop's per-param sums, where a bfloat16 sum would round otherwise.
+        return {"grad_norm_squared": grad.to(torch.float64).square().sum()}
 
     def end_reduction(self, totals: dict[str, float]) -> bool:
         norm = math.sqrt(totals.get("grad_norm_squared", 0.0))

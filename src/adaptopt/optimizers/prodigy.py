@@ -168,18 +168,21 @@ class Prodigy(GenericAdaptiveOptimizer):
         sliced_param = param.flatten()[::slice_p] if slice_p > 1 else param
         # <g, theta_0 - theta>, with theta before this step.
         distance = state["p0"] - sliced_param
-        # torch.dot, as prodigyopt; a DTensor shard (FSDP2) cannot be flattened when unevenly sharded: a sum.
+        # torch.dot, as prodigyopt, but in float64 (prodigyopt's is in the param's dtype; the same in float64),
+        # so that a bucket's one sum equals the reference loop's per-param sums in low precision too. A DTensor
+        # shard (FSDP2) cannot be flattened when unevenly sharded: a sum there.
+        wide_grad, wide_distance = sliced_grad.to(torch.float64), distance.to(torch.float64)
         inner = (
-            torch.dot(sliced_grad.reshape(-1), distance.reshape(-1))
+            torch.dot(wide_grad.reshape(-1), wide_distance.reshape(-1))
             if type(grad) is torch.Tensor
-            else (sliced_grad * distance).sum()
+            else (wide_grad * wide_distance).sum()
         )
         numerator = inner * scalars["numerator_rate"]
         if scalars["keeps_exp_avg"]:
             state["exp_avg"].mul_(beta1).add_(grad, alpha=scalars["exp_avg_rate"])
         state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=scalars["exp_avg_sq_rate"])
         s = state["s"].mul_(beta3).add_(sliced_grad, alpha=scalars["s_rate"])
-        return {"numerator": numerator, "denominator": s.abs().sum()}
+        return {"numerator": numerator, "denominator": s.to(torch.float64).abs().sum()}
 
     def end_reduction(self, totals: dict[str, float]) -> bool:
         first = self.param_groups[0]
