@@ -531,7 +531,9 @@ def test_muon_with_adamw_is_adamw_and_muon_side_by_side() -> None:
     optimizer = muon_with_adamw(model, lr=1e-2, weight_decay=0.1)
     hidden = [twin.up.weight, twin.down.weight]
     rest = [p for p in twin.parameters() if all(p is not q for q in hidden)]
-    muon = torch.optim.Muon(hidden, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    # torch's Muon where it exists; before torch 2.9 ours, which equals it bitwise where both exist (above).
+    make_muon: Any = TORCH_MUON if TORCH_MUON is not None else Muon
+    muon = make_muon(hidden, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
     adamw = torch.optim.AdamW(rest, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     for step in range(10):
         for net in (model, twin):

@@ -133,6 +133,9 @@ def test_a_missing_or_broken_internal_costs_one_warning_and_no_result(
     if name == "torch._inductor.config.emulate_precision_casts":
         assert muon_moved < 0.1  # bfloat16 rounding apart, as far as a few steps carry it; bitwise with it
     messages = [str(warning.message) for warning in caught if str(warning.message).startswith("adaptopt")]
+    if name == "torch._inductor.config.emulate_precision_casts" and not execution.STACKS_COMPILE:
+        assert not messages, messages  # matrix stacks run eagerly on this torch: the setting is never needed
+        return
     assert len(messages) == 1, messages
     assert messages[0].startswith(f"adaptopt: {name} is not usable in torch {torch.__version__}")
     assert internals.INTERNALS[name] in messages[0]

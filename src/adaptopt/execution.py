@@ -90,6 +90,10 @@ sets grads to None, so backward hands over new tensors) is stepped reading that 
 segment of its own: one more call of the update instead of two more passes over the grad to copy it into
 the bucket. Smaller grads are copied, as one call costs more than their copy."""
 
+STACKS_COMPILE = internals.torch_release() >= (2, 9)
+"""Whether stacked (matrixwise) buckets are compiled: torch 2.7's dynamo aborts the process (a C-level abort,
+not an exception) compiling some of Adafactor's stacked updates; before 2.9 they run eagerly. Verified on 2.13."""
+
 BATCH_DIMS = "batch_dims"
 """Scalars key: how many leading dims of the tensors handed to a matrixwise `step_param` stack params (the
 reference loop hands one param: 0, or no key)."""
@@ -721,7 +725,7 @@ class BucketedExecution:
             scalars = {**base_scalars, "stack": tuple(param.shape)}
         else:
             scalars = {**base_scalars, BATCH_DIMS: 1, "stack": tuple(param.shape)}
-        compiled = self._compiled_for(group, bucket, scalars)
+        compiled = self._compiled_for(group, bucket, scalars) if STACKS_COMPILE else None
         if compiled is not None:
             try:
                 compiled(param, grad, compiled.pack(scalars), list(state.values()))

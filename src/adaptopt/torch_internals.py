@@ -322,6 +322,11 @@ _SINCE = {"torch._functorch.config.enable_autograd_cache": (2, 6)}
 """Internals that older torches lack by design (so their absence there is no loss): the release each came in."""
 
 
+def torch_release() -> tuple[int, int]:
+    """This torch's (major, minor) release."""
+    return _torch_release()
+
+
 def _torch_release() -> tuple[int, int]:
     major, minor = torch.__version__.split(".")[:2]
     return int(major), int(minor)
