@@ -662,12 +662,20 @@ def test_compiled_equals_reference(
     actual = train(name, options, "compiled", set_to_none=set_to_none)
     assert_same(expected, actual, exact=False)
     assert len(all_buckets(actual[1])) == BUCKETS.get(name, 1)
-    assert all(bucket.compiled is not None and not bucket.compile_failed for bucket in all_buckets(actual[1]))
+    # Before torch 2.9 matrix stacks run eagerly (execution.STACKS_COMPILE): those parts compile nothing.
+    eager = [part for part in parts(actual[1]) if type(part).kind == "matrixwise" and not execution.STACKS_COMPILE]
+    compiled_parts = [part for part in parts(actual[1]) if all(part is not other for other in eager)]
+    assert all(bucket.compiled is None for part in eager for bucket in all_buckets(part))
+    assert all(
+        bucket.compiled is not None and not bucket.compile_failed
+        for part in compiled_parts
+        for bucket in all_buckets(part)
+    )
     # Each compiled once: the updates and the first passes (`reduces`: Prodigy's sums, LAMB's norm).
-    variants = [variant for part in parts(actual[1]) for variant in compiled_updates(part)]
-    reductions = [reduction for part in parts(actual[1]) for reduction in compiled_reductions(part)]
+    variants = [variant for part in compiled_parts for variant in compiled_updates(part)]
+    reductions = [reduction for part in compiled_parts for reduction in compiled_reductions(part)]
     assert CompiledUpdate.compilations - compilations == len(variants) + len(reductions)
-    for part in parts(actual[1]):
+    for part in compiled_parts:
         check_compiled_part(name, options, part, actual, set_to_none)
 
 
