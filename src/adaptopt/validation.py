@@ -6,7 +6,9 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["HYPERPARAMETER_CHECKS", "validate_group"]
+import torch
+
+__all__ = ["HYPERPARAMETER_CHECKS", "validate_checks", "validate_group", "with_listed_params"]
 
 
 def _require_real(name: str, value: Any) -> float:
@@ -150,3 +152,20 @@ def validate_group(group: Mapping[str, Any]) -> None:
         raise ValueError(f"total_steps must be greater than warmup ({group['warmup']!r}), got {group['total_steps']!r}")
     if group.get("weight_decay_absolute") and not group.get("decoupled_weight_decay", True):
         raise ValueError("weight_decay_absolute=True requires decoupled weight decay")
+
+
+def validate_checks(checks: Mapping[str, Callable[[str, Any], None]], group: Mapping[str, Any]) -> None:
+    """Raise on the first key of `group` that an optimizer's own `checks` (keys the family table lacks) refuse."""
+    for name, check in checks.items():
+        if name in group:
+            check(name, group[name])
+
+
+def with_listed_params(param_group: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `param_group` whose params are a list, so they can be looked at before torch reads them."""
+    params = param_group.get("params")
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    elif params is not None and not isinstance(params, (set, list)):
+        params = list(params)  # a generator, read once here (a set is left to torch, which refuses it)
+    return {**param_group, "params": params} if "params" in param_group else dict(param_group)

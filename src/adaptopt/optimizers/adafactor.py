@@ -50,7 +50,7 @@ from typing_extensions import Unpack
 
 from ..base import CommonOptions, GenericAdaptiveOptimizer, Group, ParamsT, Scalars, State
 from ..execution import BATCH_DIMS
-from ..validation import _in_range, _non_negative
+from ..validation import _in_range, _non_negative, validate_checks, with_listed_params
 from ..weight_decay import WeightDecay
 
 __all__ = [
@@ -125,12 +125,6 @@ ADAFACTOR_CHECKS: dict[str, Callable[[str, Any], None]] = {
 """Adafactor's own group keys and their checks (validation's table does not know them yet)."""
 
 
-def _validate_own(group: Mapping[str, Any]) -> None:
-    for name, check in ADAFACTOR_CHECKS.items():
-        if name in group:
-            check(name, group[name])
-
-
 def _split_eps(eps: Any) -> dict[str, Any]:
     """torch's `eps=(eps1, eps2)` as our group keys, checked under the name the user gave."""
     if not isinstance(eps, (tuple, list)):
@@ -140,16 +134,6 @@ def _split_eps(eps: Any) -> dict[str, Any]:
     _optional_non_negative("eps[0]", eps[0])
     _non_negative("eps[1]", eps[1])
     return {"eps1": None if eps[0] is None else float(eps[0]), "eps2": float(eps[1])}
-
-
-def _with_listed_params(param_group: dict[str, Any]) -> dict[str, Any]:
-    """A copy of `param_group` whose params are a list, so they can be looked at before torch reads them."""
-    params = param_group.get("params")
-    if isinstance(params, torch.Tensor):
-        params = [params]
-    elif params is not None and not isinstance(params, (set, list)):
-        params = list(params)  # a generator, read once here (a set is left to torch, which refuses it)
-    return {**param_group, "params": params} if "params" in param_group else dict(param_group)
 
 
 class Adafactor(GenericAdaptiveOptimizer):
@@ -177,16 +161,16 @@ class Adafactor(GenericAdaptiveOptimizer):
         **options: Unpack[CommonOptions],
     ) -> None:
         defaults: dict[str, Any] = dict(lr=lr, beta2_decay=beta2_decay, **_split_eps(eps), d=d)
-        _validate_own(defaults)
+        validate_checks(ADAFACTOR_CHECKS, defaults)
         super().__init__(params, defaults, weight_decay=weight_decay, **options)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """The base's, taking torch's `eps` pair, checking our own keys and refusing complex params."""
         if isinstance(param_group, dict):
-            param_group = _with_listed_params(param_group)
+            param_group = with_listed_params(param_group)
             if "eps" in param_group:
                 param_group.update(_split_eps(param_group.pop("eps")))
-            _validate_own({**self.defaults, **param_group})
+            validate_checks(ADAFACTOR_CHECKS, {**self.defaults, **param_group})
             for param in param_group.get("params", ()):
                 if isinstance(param, torch.Tensor) and param.is_complex():
                     # Stepped as a real view it would gain a dim of 2 and be factored over it; torch

@@ -72,7 +72,7 @@ from torch.optim import Optimizer
 from typing_extensions import Unpack
 
 from ..base import CommonOptions, GenericAdaptiveOptimizer, Group, ParamsT, Scalars, State
-from ..validation import _flag, _in_range
+from ..validation import _flag, _in_range, validate_checks, with_listed_params
 from ..weight_decay import WeightDecay
 from .adam import Adam
 
@@ -191,22 +191,6 @@ MUON_CHECKS: dict[str, Callable[[str, Any], None]] = {
 """Muon's own group keys and their checks (validation's table does not know them yet)."""
 
 
-def _validate_own(group: Mapping[str, Any]) -> None:
-    for name, check in MUON_CHECKS.items():
-        if name in group:
-            check(name, group[name])
-
-
-def _with_listed_params(param_group: dict[str, Any]) -> dict[str, Any]:
-    """A copy of `param_group` whose params are a list, so they can be looked at before torch reads them."""
-    params = param_group.get("params")
-    if isinstance(params, torch.Tensor):
-        params = [params]
-    elif params is not None and not isinstance(params, (set, list)):
-        params = list(params)  # a generator, read once here (a set is left to torch, which refuses it)
-    return {**param_group, "params": params} if "params" in param_group else dict(param_group)
-
-
 class Muon(GenericAdaptiveOptimizer):
     """Muon, for 2-D params only; see the module docstring for the update rule and `muon_with_adamw`.
 
@@ -244,16 +228,16 @@ class Muon(GenericAdaptiveOptimizer):
             adjust_lr_fn=adjust_lr_fn,
             ns_dtype=_ns_dtype_name(ns_dtype),
         )
-        _validate_own(defaults)
+        validate_checks(MUON_CHECKS, defaults)
         super().__init__(params, defaults, weight_decay=weight_decay, **options)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """The base's, for matrices only, with our own keys checked."""
         if isinstance(param_group, dict):
-            param_group = _with_listed_params(param_group)
+            param_group = with_listed_params(param_group)
             if "ns_dtype" in param_group:
                 param_group["ns_dtype"] = _ns_dtype_name(param_group["ns_dtype"])
-            _validate_own({**self.defaults, **param_group})
+            validate_checks(MUON_CHECKS, {**self.defaults, **param_group})
             for param in param_group.get("params", ()):
                 if isinstance(param, torch.Tensor) and (param.ndim != 2 or param.is_complex()):
                     what = f"a {param.dtype} param" if param.is_complex() else "a param"
