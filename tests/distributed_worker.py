@@ -142,14 +142,11 @@ ZERO_REPLACED: dict[str, Case] = {
 ZERO_CASES: tuple[Case, ...] = tuple(ZERO_REPLACED.get(case.label, case) for case in CASES)
 """The cases of ZeroRedundancyOptimizer: CASES, but where the rank's share of the params changes the math."""
 
-FSDP_UNSUPPORTED: dict[str, str] = (
-    {"prodigy": "torch 2.7's DTensor sums leave Prodigy's estimate of d wrong under FSDP2 (48% off; not understood)"}
-    if tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 9)
-    else {}
-)
+FSDP_UNSUPPORTED: dict[str, str] = {}
 """Optimizers that fail under FSDP2's DTensor params, with the reason (the test checks that these and FSDP_CASES
-cover them all). None now: the base sums a first pass's partial DTensor totals over the ranks (LAMB's global
-norm, Prodigy's estimate), and the optimizers' reductions are DTensors that stay out of in-place ops."""
+cover them all). None: the base sums a first pass's partial DTensor totals over the ranks (LAMB's global norm,
+Prodigy's estimate), and the optimizers replicate their reductions (`functional.replicated`) before any scalar meets
+them, which torch 2.7's DTensor would otherwise have cached from the first step (Prodigy, Adafactor)."""
 FSDP_REPLACED: dict[str, Case] = {
     # torch.distributed.checkpoint's get_state_dict reads torch's state_dict format, which MuonWithAdamW's
     # {"muon": ..., "adamw": ...} is not: under FSDP2 with distributed checkpoints, Muon over the matrices. Its

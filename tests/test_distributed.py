@@ -3,11 +3,11 @@
 Each scenario test starts two real processes with `adaptopt.distributed.launch` (gloo, CPU, 127.0.0.1 on
 a free port) that run `distributed_worker.run_scenario`: every optimizer in `CASES` (DDP), `ZERO_CASES`
 (ZeroRedundancyOptimizer: Prodigy with its sums all-reduced, LAMB without its clipping, Muon alone over the
-matrices) or `FSDP_CASES` (FSDP2: LAMB without its clipping; Prodigy, Adafactor and Muon fail on DTensor params,
-`FSDP_UNSUPPORTED` says how), each rank taking half of every global batch. It compares what they end
-with against `single_process_run`: the same model trained on the whole batch in this process. One launch
-per scenario covers every optimizer, so the file costs five process-group start-ups (three scenarios and two
-of the launcher's failure modes).
+matrices) or `FSDP_CASES` (FSDP2: Muon over the matrices, its Newton-Schulz in float64; `FSDP_UNSUPPORTED`
+would name any optimizer that fails on DTensor params, and names none), each rank taking half of every
+global batch. It compares what they end with against `single_process_run`: the same model trained on the
+whole batch in this process. One launch per scenario covers every optimizer, so the file costs five
+process-group start-ups (three scenarios and two of the launcher's failure modes).
 
 Tolerance. All runs are float64. A data-parallel gradient is the mean of the ranks' half-batch means, a
 single-process gradient the mean over the whole batch: the same numbers summed in a different order,
@@ -106,7 +106,7 @@ def test_cases_cover_every_optimizer() -> None:
     assert covered_optimizers(ZERO_CASES) == every  # muon as Muon alone, over the matrices
     # FSDP2: every optimizer but those that fail on DTensor params, each with the reason (FSDP_UNSUPPORTED).
     assert covered_optimizers(FSDP_CASES) == every - set(FSDP_UNSUPPORTED)
-    assert all(FSDP_UNSUPPORTED.values())  # each exclusion says why (only Prodigy, only before torch 2.9)
+    assert all(FSDP_UNSUPPORTED.values())  # an exclusion would have to say why
 
 
 def test_ddp(tmp_path: Path, references: dict[str, Any]) -> None:

@@ -16,7 +16,29 @@ __all__ = [
     "adam_step",
     "bias_correction",
     "rectification",
+    "replicated",
 ]
+
+
+def replicated(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` as a replicated DTensor where it is a DTensor (FSDP2); any other tensor as it is.
+
+    Under FSDP2 a reduction over a sharded dim (a norm, a sum) is *partial*, each rank holding its share of
+    the total, and a reduction over the other dims stays sharded. Before an op can combine either with a
+    replicated tensor, DTensor redistributes it, and torch 2.7 (not 2.13) cached that op together with its
+    Python scalars: the next one with another scalar (`clamp(min=...)`, `* rate`, a lerp's weight) silently
+    reused the first one's, so Prodigy's d and Adafactor's moments went wrong from their second step.
+    Redistributing explicitly, before any scalar meets the reduction, avoids that cache on every version,
+    and costs nothing more: the collective is the one the next op would run.
+    """
+    placements = getattr(tensor, "placements", None)
+    if placements is None or all(placement.is_replicate() for placement in placements):
+        return tensor
+    from torch.distributed.tensor import Replicate
+
+    whole = [Replicate()] * len(placements)
+    replicated_tensor: torch.Tensor = tensor.redistribute(tensor.device_mesh, whole)  # type: ignore[attr-defined]
+    return replicated_tensor
 
 
 def bias_correction(beta: float, step: int) -> float:
@@ -98,7 +120,7 @@ class TensorExtents:
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """The sum of `values` over each param, broadcastable against `values`."""
         if self.starts is None:
-            return values.sum()
+            return replicated(values.sum())
         totals = torch.zeros_like(values).index_add_(0, self.starts, values)
         return totals[self.starts]
 

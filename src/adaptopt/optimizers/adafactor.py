@@ -50,6 +50,7 @@ from typing_extensions import Unpack
 
 from ..base import CommonOptions, GenericAdaptiveOptimizer, Group, ParamsT, Scalars, State
 from ..execution import BATCH_DIMS
+from ..functional import replicated
 from ..validation import _in_range, _non_negative, validate_checks, with_listed_params
 from ..weight_decay import WeightDecay
 
@@ -73,8 +74,7 @@ def per_param_norm(tensor: torch.Tensor, batch_dims: int = 0) -> torch.Tensor:
     if not own_dims:
         # Stacked 0-d params: each element is a param. (vector_norm would read dim=() as all dims.)
         return tensor.abs()
-    norm: torch.Tensor = torch.linalg.vector_norm(tensor, dim=own_dims, keepdim=True)
-    return norm
+    return replicated(torch.linalg.vector_norm(tensor, dim=own_dims, keepdim=True))
 
 
 def _sqrt_numel_per_param(tensor: torch.Tensor, batch_dims: int) -> float:
@@ -87,14 +87,14 @@ def factored_second_moment(
 ) -> torch.Tensor:
     """Advance $R_t$, $C_t$ in place by `weight` $= 1 - \\hat\\beta_{2,t}$; return a new $\\hat V_t$."""
     # mean(g^2) along a dim as norm(g)^2 / size: no temporary the size of g.
-    # Out of place on reductions: under FSDP2 they are DTensors with partial placements, which refuse in-place ops.
-    row_mean = torch.linalg.vector_norm(grad, dim=-1, keepdim=True).square().div(grad.size(-1))
+    # Out of place on reductions, replicated: under FSDP2 they are DTensors (`replicated` says why).
+    row_mean = replicated(torch.linalg.vector_norm(grad, dim=-1, keepdim=True)).square().div(grad.size(-1))
     row_var.lerp_(row_mean, weight)
-    col_mean = torch.linalg.vector_norm(grad, dim=-2, keepdim=True).square().div(grad.size(-2))
+    col_mean = replicated(torch.linalg.vector_norm(grad, dim=-2, keepdim=True)).square().div(grad.size(-2))
     col_var.lerp_(col_mean, weight)
     # R_t C_t, the (m, 1) x (1, n) outer product as a matmul: batched over any leading dims.
     estimate = row_var @ col_var
-    return estimate.div_(row_var.mean(dim=-2, keepdim=True).clamp(min=eps1))
+    return estimate.div_(replicated(row_var.mean(dim=-2, keepdim=True)).clamp(min=eps1))
 
 
 def unfactored_second_moment(variance: torch.Tensor, grad: torch.Tensor, weight: float) -> torch.Tensor:

@@ -72,6 +72,7 @@ from torch.optim import Optimizer
 from typing_extensions import Unpack
 
 from ..base import CommonOptions, GenericAdaptiveOptimizer, Group, ParamsT, Scalars, State
+from ..functional import replicated
 from ..validation import _flag, _in_range, validate_checks, with_listed_params
 from ..weight_decay import WeightDecay
 from .adam import Adam
@@ -126,7 +127,7 @@ def newton_schulz_orthogonalize(
     if tall:
         work = work.mT  # iterate on the wide side, where X X^T is the smaller Gram matrix
     # The norm clamped out of place: under FSDP2 it is a DTensor with a partial placement (no in-place ops).
-    work.div_(torch.linalg.vector_norm(work, dim=(-2, -1), keepdim=True).clamp(min=eps))
+    work.div_(replicated(torch.linalg.vector_norm(work, dim=(-2, -1), keepdim=True)).clamp(min=eps))
     for _ in range(steps):
         gram = work @ work.mT
         polynomial = _scaled_matmul_add(gram, gram, gram, beta=b, alpha=c)  # b A + c A^2

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from typing_extensions import Unpack
 
 from ..base import CommonOptions, GenericAdaptiveOptimizer, Group, ParamsT, Scalars, State
+from ..functional import replicated
 from ..weight_decay import WeightDecay, apply_weight_decay
 
 __all__ = ["Prodigy"]
@@ -177,7 +178,7 @@ class Prodigy(GenericAdaptiveOptimizer):
             if type(grad) is torch.Tensor
             else (wide_grad * wide_distance).sum()
         )
-        numerator = inner * scalars["numerator_rate"]
+        numerator = replicated(inner) * scalars["numerator_rate"]
         if scalars["keeps_exp_avg"]:
             state["exp_avg"].mul_(beta1).add_(grad, alpha=scalars["exp_avg_rate"])
         state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=scalars["exp_avg_sq_rate"])
