@@ -101,7 +101,9 @@ class GenericAdaptiveOptimizer(Optimizer):
 
     kind: ClassVar[str] = "per_param"
     """What `step_param` may run on (`KINDS`): `"elementwise"` only if it combines tensors elementwise, so
-    that it may be run on any subset of the elements. The default assumes nothing."""
+    that it may be run on any subset of the elements. The default assumes nothing, and neither does a
+    subclass that brings math of its own (`step_param` or `update`) without stating its kind: it is
+    `"per_param"` again, whatever the class it extends may run on."""
 
     group_state: ClassVar[Mapping[str, Any]] = {}
     """Per-group state carried across steps, by key, with its initial value (see the module docstring); a key
@@ -120,6 +122,8 @@ class GenericAdaptiveOptimizer(Optimizer):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "kind" not in vars(cls) and any(name in vars(cls) for name in ("step_param", "update")):
+            cls.kind = "per_param"
         if cls.kind not in KINDS:
             raise TypeError(f"{cls.__name__}.kind must be one of {KINDS}, got {cls.kind!r}")
 
@@ -389,7 +393,14 @@ class GenericAdaptiveOptimizer(Optimizer):
     # `_through_working_copies`.
 
     def _stores_in_other_dtype(self, group: Group) -> bool:
-        return bool(group["master_weights"]) or group["state_dtype"] is not None
+        """Whether some of the group's state is stored in a dtype its math does not run in: a `state_dtype`,
+        or master weights for a param narrower than fp32 (for wider ones they change nothing, and the group
+        keeps its buckets)."""
+        if group["state_dtype"] is not None:
+            return True
+        return bool(group["master_weights"]) and any(
+            _working_dtype(as_real(param).dtype) != as_real(param).dtype for param in group["params"]
+        )
 
     def _needs_working_copies(self, group: Group) -> bool:
         """Whether the math must run on working copies: master weights, a storage dtype, or grads to unscale."""
