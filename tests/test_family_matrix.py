@@ -626,6 +626,26 @@ def test_muon_with_adamw_rejects_overlap() -> None:
         MuonWithAdamW(Muon([weight]), torch.optim.AdamW([weight]))
 
 
+@pytest.mark.parametrize(
+    ("arguments", "error", "message"),
+    [
+        (dict(adamw_betas=(1.5, 0.9)), ValueError, r"^adamw_betas\[0\] must be in \[0, 1\), got 1.5$"),
+        (dict(adamw_betas=0.9), TypeError, r"^adamw_betas must be a pair"),
+        (dict(adamw_eps=-1.0), ValueError, r"^adamw_eps must be in \[0, inf\), got -1.0$"),
+        (dict(muon_lr=-1.0), ValueError, r"^muon_lr must be in \[0, inf\), got -1.0$"),
+        (dict(muon_lr="fast"), TypeError, r"^muon_lr must be a real number"),
+        (dict(lr=-1.0), ValueError, r"^lr must be in \[0, inf\), got -1.0$"),
+        (dict(momentum=1.0), ValueError, r"^momentum must be in \[0, 1\), got 1.0$"),
+    ],
+    ids=lambda value: "" if isinstance(value, (type, str)) else ",".join(value),
+)
+def test_muon_with_adamw_names_its_own_arguments_in_errors(
+    arguments: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        muon_with_adamw(_model(), **arguments)
+
+
 def test_muon_with_adamw_weight_decay_policy_is_decoupled() -> None:
     optimizer = muon_with_adamw(_model(), weight_decay=0.2)
     for group in optimizer.param_groups:

@@ -62,6 +62,7 @@ filters (3-D and 4-D) go to AdamW here too, as `torch.optim.Muon` takes matrices
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -393,27 +394,42 @@ def muon_with_adamw(
     `adamw_eps` AdamW's; the common `options` (maximize, ...) go to both.
     """
     hidden, rest = split_hidden_matrices(model_or_params, exclude)
-    muon = Muon(
-        [{"params": hidden}],
-        lr if muon_lr is None else muon_lr,
-        weight_decay=weight_decay,
-        momentum=momentum,
-        nesterov=nesterov,
-        ns_steps=ns_steps,
-        adjust_lr_fn=adjust_lr_fn,
-        ns_dtype=ns_dtype,
-        **options,
-    )
-    adamw = Adam(
-        [{"params": rest}],
-        lr,
-        betas=adamw_betas,
-        eps=adamw_eps,
-        weight_decay=WeightDecay(weight_decay),
-        optimized_update=False,
-        **options,
-    )
+    try:
+        muon = Muon(
+            [{"params": hidden}],
+            lr if muon_lr is None else muon_lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            adjust_lr_fn=adjust_lr_fn,
+            ns_dtype=ns_dtype,
+            **options,
+        )
+    except (TypeError, ValueError) as error:
+        raise _renamed(error, {} if muon_lr is None else {"lr": "muon_lr"}) from error
+    try:
+        adamw = Adam(
+            [{"params": rest}],
+            lr,
+            betas=adamw_betas,
+            eps=adamw_eps,
+            weight_decay=WeightDecay(weight_decay),
+            optimized_update=False,
+            **options,
+        )
+    except (TypeError, ValueError) as error:
+        raise _renamed(error, {"betas": "adamw_betas", "eps": "adamw_eps"}) from error
     return MuonWithAdamW(muon, adamw)
+
+
+def _renamed(error: TypeError | ValueError, names: Mapping[str, str]) -> TypeError | ValueError:
+    """`error` with the argument it names as `muon_with_adamw` calls it (`adamw_betas`, not `betas`)."""
+    message = str(error)
+    for inner, outer in names.items():
+        if re.match(rf"{inner}\b", message):
+            return type(error)(outer + message[len(inner) :])
+    return error
 
 
 def split_hidden_matrices(
