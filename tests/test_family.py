@@ -378,3 +378,31 @@ def test_lamb_reduces_over_each_param_of_a_bucket(
     assert bucket.params == ours.params[1::2] + ours.params[::2] if large_weights else len(bucket.params) == 4
     if execution == "compiled":
         assert CompiledUpdate.compilations > compilations
+
+
+@pytest.mark.parametrize("execution", ["bucketed", "compiled"])
+@pytest.mark.parametrize("sizes", [(6, 6, 6, 6), (6, 4, 6)], ids=["one-size", "two-sizes"])
+def test_lamb_norms_over_rows_of_params_of_one_size(execution: str, sizes: tuple[int, ...]) -> None:
+    # Small params of one size are one segment read as a matrix (a param per row, `row_numel`), of several
+    # sizes one segment with starts; a (2, 3) matrix among vectors of 6 is a row like them. Both equal the loop.
+    from adaptopt import execution as engine
+
+    generator = torch.Generator().manual_seed(7)
+    shapes = [(2, 3) if index == 1 and size == 6 else (size,) for index, size in enumerate(sizes)]
+    starts = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes]
+    ours = [start.clone().requires_grad_() for start in starts]
+    loop = [start.clone().requires_grad_() for start in starts]
+    optimizer = LAMB(ours, lr=1e-2, weight_decay=0.01, execution=execution)
+    reference = LAMB(loop, lr=1e-2, weight_decay=0.01, execution="reference")
+    for _ in range(20):
+        grads = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes]
+        for params, each in ((ours, optimizer), (loop, reference)):
+            for param, grad in zip(params, grads, strict=True):
+                param.grad = grad.clone()
+            each.step()
+    for param, expected in zip(ours, loop, strict=True):
+        # 1e-12: the norms sum the same elements, a row at a time or segmented, in another order than the loop.
+        torch.testing.assert_close(param, expected, rtol=1e-12, atol=0)
+    (bucket,) = engine.buckets(optimizer)
+    segment = bucket.segment(bucket.offsets[0], bucket.offsets[-1])
+    assert (segment.row_numel, segment.starts is None) == ((6, True) if len(set(sizes)) == 1 else (None, False))

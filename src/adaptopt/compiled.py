@@ -236,10 +236,10 @@ class CompiledUpdate:
             scalars = dict(fixed)
             for index, name in enumerate(scalar_names):
                 scalars[name] = packed[index]
-            if extents:  # A tensorwise update: over one whole param, or several whose starts come last.
+            if extents:  # Tensorwise: one whole param, rows of one size, or several whose starts come last.
                 starts = state[-1] if extents == "segmented" else None
                 state = state[:-1] if extents == "segmented" else state
-                scalars["extents"] = TensorExtents(starts)
+                scalars["extents"] = TensorExtents(starts, fixed.get("row_numel"))
             optimizer.update(dict(zip(keys, state, strict=True)), constants, grad, param, scalars)
 
         self._update, self._tag = update, tag

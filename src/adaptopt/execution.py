@@ -258,10 +258,20 @@ class Bucket:
             return Segment(start, stop, param, grad, state, list(state.values()))
         state = {key: buffer[start:stop] for key, buffer in self.state_buffers.items()}
         param, grad = _real(self.flat_param[start:stop]), _real(self.flat_grad[start:stop])
-        starts = None
+        starts, row_numel = None, None
         if self.tensor_starts is not None and stop <= self.tensor_starts.shape[0] and not self._one_param(start, stop):
-            starts = self.tensor_starts[start:stop] - start
-        return Segment(start, stop, param, grad, state, list(state.values()), starts)
+            row_numel = self._common_numel(start, stop)
+            if row_numel is None:
+                starts = self.tensor_starts[start:stop] - start
+        return Segment(start, stop, param, grad, state, list(state.values()), starts, row_numel)
+
+    def _common_numel(self, start: int, stop: int) -> int | None:
+        """The size of each param in `start:stop` if they are whole params all of one size, else None."""
+        if start not in self.offsets or stop not in self.offsets:
+            return None
+        first, last = self.offsets.index(start), self.offsets.index(stop)
+        sizes = {self.offsets[index + 1] - self.offsets[index] for index in range(first, last)}
+        return sizes.pop() if len(sizes) == 1 else None
 
     def _one_param(self, start: int, stop: int) -> bool:
         index = self.offsets.index(start) if start in self.offsets else -1
@@ -287,7 +297,10 @@ class Segment:
     state: dict[str, torch.Tensor]
     state_list: list[torch.Tensor]
     starts: torch.Tensor | None = None
-    """For a tensorwise optimizer, a segment of several params: where each element's param starts in it."""
+    """For a tensorwise optimizer, a segment of several params of different sizes: where each element's param
+    starts in it."""
+    row_numel: int | None = None
+    """For a tensorwise optimizer, a segment of several params all of one size: that size (no `starts`)."""
 
 
 class BucketedExecution:
@@ -683,12 +696,16 @@ class BucketedExecution:
         for segment, grad in _segments(bucket, first, last, in_place, self._whole_tensors):
             # A tensorwise update reduces over a whole param, or over several with their `starts`: two kinds of
             # call, told apart by a constant in the scalars (so each has its compiled update).
-            extents = "" if not self._whole_tensors else "segmented" if segment.starts is not None else "whole"
-            if extents not in variants:
+            # Several params of one size are rows of a matrix (each sum a row's), a constant of the call too.
+            extents = "" if not self._whole_tensors else _extents_kind(segment)
+            variant = f"{extents}{segment.row_numel or ''}"
+            if variant not in variants:
                 scalars = {**base_scalars, "extents": extents} if extents else base_scalars
+                if segment.row_numel is not None:
+                    scalars["row_numel"] = segment.row_numel
                 compiled = self._compiled_for(group, bucket, scalars)
-                variants[extents] = (scalars, compiled, None if compiled is None else compiled.pack(scalars))
-            scalars, compiled, packed = variants[extents]
+                variants[variant] = (scalars, compiled, None if compiled is None else compiled.pack(scalars))
+            scalars, compiled, packed = variants[variant]
             if compiled is not None and packed is not None and segment.stop - segment.start >= 2:
                 try:
                     inputs = segment.state_list if segment.starts is None else [*segment.state_list, segment.starts]
@@ -696,10 +713,10 @@ class BucketedExecution:
                     continue
                 except Exception as error:  # Whatever the compiler raises, the eager path still works.
                     self._compile_failed(group, bucket, scalars, error)
-                    variants[extents] = (scalars, None, None)
+                    variants[variant] = (scalars, None, None)
             length = segment.stop - segment.start
             if extents:  # A reduction needs the whole segment in one call.
-                eager = {**scalars, "extents": TensorExtents(segment.starts)}
+                eager = {**scalars, "extents": TensorExtents(segment.starts, segment.row_numel)}
                 optimizer.update({"step": step + 1, **segment.state}, group, grad, segment.param, eager)
                 bucket.eager_work += length
                 continue
@@ -853,6 +870,11 @@ class BucketedExecution:
             for param in group["params"]:
                 if param not in done and param.grad is not None:
                     _zero_in_place(param.grad)
+
+
+def _extents_kind(segment: Segment) -> str:
+    """How a tensorwise update's sums run over `segment` (`TensorExtents`): the compiled update's constant."""
+    return "rows" if segment.row_numel is not None else "segmented" if segment.starts is not None else "whole"
 
 
 def _segments(

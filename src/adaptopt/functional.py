@@ -109,16 +109,21 @@ class TensorExtents:
     """Sums over each whole param of a stretch, for tensorwise updates (`kind = "tensorwise"`).
 
     `step_param` of such an optimizer finds one in `scalars["extents"]` and takes per-tensor sums and norms
-    through it, so its one definition runs on one param (`starts` None: a plain sum) or on a segment of a
-    bucket holding several (`starts`: for each element, where its param starts in the segment), where each
-    sum is the segmented one over its param's elements, handed back broadcast to every element.
+    through it, so its one definition runs on one param (a plain sum), on a segment of a bucket holding
+    several params of one size (`row_numel`: the segment read as a matrix with a param per row, each sum a
+    row's) or several of different sizes (`starts`: for each element, where its param starts in the
+    segment, each sum a segmented one), and hands the sums back broadcast to every element.
     """
 
-    def __init__(self, starts: torch.Tensor | None) -> None:
+    def __init__(self, starts: torch.Tensor | None, row_numel: int | None = None) -> None:
         self.starts = starts
+        self.row_numel = row_numel
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """The sum of `values` over each param, broadcastable against `values`."""
+        if self.row_numel is not None:
+            rows = values.view(-1, self.row_numel)
+            return rows.sum(dim=1, keepdim=True).expand_as(rows).reshape(values.shape)
         if self.starts is None:
             return replicated(values.sum())
         totals = torch.zeros_like(values).index_add_(0, self.starts, values)
