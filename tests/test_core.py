@@ -711,6 +711,18 @@ def test_an_unknown_kind_is_refused_when_the_class_is_created() -> None:
             kind = "vectorized"
 
 
+def step_side_by_side(
+    optimizer: torch.optim.Optimizer, reference: torch.optim.Optimizer, params: list[Any], twins: list[Any]
+) -> None:
+    """Three steps of each, fed the same grads (which depend on `params`, so a wrong step shows in the next)."""
+    for step in range(3):
+        for param, twin in zip(params, twins, strict=True):
+            param.grad = torch.full_like(param, float(step + 1)) + param.detach()
+            twin.grad = param.grad.clone()
+        optimizer.step()
+        reference.step()
+
+
 class _SignSGD(GenericAdaptiveOptimizer):
     """An optimizer that does not say what its step_param may run on: the default, one whole param."""
 
@@ -734,12 +746,7 @@ def test_an_optimizer_that_does_not_declare_its_kind_runs_on_the_reference_loop(
     twins = [p.detach().clone().requires_grad_() for p in params]
     optimizer = _SignSGD(params, execution=execution_mode)
     reference = _SignSGD(twins, execution="reference")
-    for step in range(3):
-        for param, twin in zip(params, twins, strict=True):
-            param.grad = torch.full_like(param, float(step + 1)) + param.detach()
-            twin.grad = param.grad.clone()
-        optimizer.step()
-        reference.step()
+    step_side_by_side(optimizer, reference, params, twins)
     assert list(execution.buckets(optimizer)) == []
     assert all(execution.bucket_of(optimizer, p) is None for p in params)
     for param, twin in zip(params, twins, strict=True):
@@ -767,12 +774,7 @@ def test_a_subclass_with_math_of_its_own_does_not_inherit_its_kind() -> None:
     twins = [p.detach().clone().requires_grad_() for p in params]
     optimizer = _NormalizedAdam(params, lr=0.1, execution="bucketed")
     reference = _NormalizedAdam(twins, lr=0.1, execution="reference")
-    for step in range(3):
-        for param, twin in zip(params, twins, strict=True):
-            param.grad = torch.full_like(param, float(step + 1)) + param.detach()
-            twin.grad = param.grad.clone()
-        optimizer.step()
-        reference.step()
+    step_side_by_side(optimizer, reference, params, twins)
     assert list(execution.buckets(optimizer)) == []
     for param, twin in zip(params, twins, strict=True):
         assert torch.equal(param, twin)
