@@ -30,6 +30,7 @@ import reference_family as ref
 from adaptopt.optimizers.adafactor import Adafactor
 from adaptopt.optimizers.muon import Muon, MuonWithAdamW, muon_with_adamw
 from conftest import Problem, ReferenceRun, TorchRun
+from dropin_support import assert_identical
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -650,3 +651,28 @@ def test_muon_with_adamw_weight_decay_policy_is_decoupled() -> None:
     optimizer = muon_with_adamw(_model(), weight_decay=0.2)
     for group in optimizer.param_groups:
         assert group["weight_decay"] == 0.2 and group["decoupled_weight_decay"] is True
+
+
+@pytest.mark.parametrize(
+    ("optimizer_class", "key", "bad", "message"),
+    [
+        (Muon, "ns_steps", -3, r"ns_steps must be in \[0, 100\), got -3"),
+        (Muon, "nesterov", "yes", r"nesterov must be a bool"),
+        (Adafactor, "beta2_decay", 3.0, r"beta2_decay must be in \(-inf, 0\], got 3.0"),
+        (Adafactor, "eps2", -1.0, r"eps2 must be in \[0, inf\), got -1.0"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else getattr(value, "__name__", ""),
+)
+def test_a_state_dict_with_a_bad_own_key_is_refused_and_changes_nothing(
+    optimizer_class: type, key: str, bad: Any, message: str
+) -> None:
+    weight = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    optimizer = optimizer_class([weight], lr=1e-2)
+    weight.grad = torch.ones_like(weight)
+    optimizer.step()
+    saved = optimizer.state_dict()
+    saved["param_groups"][0][key] = bad
+    before = copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(ValueError, match=rf"param group 0 of the state_dict: {message}"):
+        optimizer.load_state_dict(saved)
+    assert_identical(optimizer.state_dict(), before)

@@ -56,7 +56,7 @@ from torch.optim import Optimizer
 
 from .execution import BucketedExecution
 from .functional import TensorExtents
-from .validation import validate_group
+from .validation import validate_checks, validate_group
 from .weight_decay import WeightDecay, apply_weight_decay
 
 __all__ = ["KINDS", "CommonOptions", "GenericAdaptiveOptimizer", "Group", "ParamsT", "Scalars", "State", "as_real"]
@@ -115,6 +115,10 @@ class GenericAdaptiveOptimizer(Optimizer):
     The coefficient stays under `weight_decay`, so ZeroRedundancyOptimizer, which copies its groups' entries
     into ours, hands over the same number."""
 
+    own_checks: ClassVar[Mapping[str, Callable[[str, Any], None]]] = {}
+    """Checks of the optimizer's own group keys, which the family's table (`validation`) does not know: run
+    on the defaults, on every added group and on every group a `load_state_dict` brings."""
+
     reduces: ClassVar[bool] = False
     """Whether a step first needs sums over every param of every group (Prodigy's estimate of the distance
     to the solution, LAMB's global grad norm): `reduce_param` is then run over all of them, and
@@ -149,6 +153,7 @@ class GenericAdaptiveOptimizer(Optimizer):
         defaults = {**defaults, **decay, "maximize": maximize}
         defaults.update(master_weights=master_weights, state_dtype=storage_dtype_name(state_dtype))
         validate_group(defaults)
+        validate_checks(self.own_checks, defaults)
         # Before super().__init__, which calls add_param_group.
         self._buckets = BucketedExecution.for_mode(self, execution)
         super().__init__(params, defaults)
@@ -257,6 +262,7 @@ class GenericAdaptiveOptimizer(Optimizer):
         fresh = {key: value for key, value in self.group_state.items() if key not in self.defaults}
         param_group = {**deepcopy(fresh), **param_group}
         validate_group({**self.defaults, **param_group})
+        validate_checks(self.own_checks, {**self.defaults, **param_group})
         super().add_param_group(param_group)
 
     # ----------------------------------------------------------------------------------------------
@@ -548,6 +554,7 @@ class GenericAdaptiveOptimizer(Optimizer):
             merged["params"] = group["params"]
             try:
                 validate_group(merged)
+                validate_checks(self.own_checks, merged)
             except (TypeError, ValueError) as error:
                 raise ValueError(f"param group {index} of the state_dict: {error}") from error
             new_groups.append(merged)

@@ -51,7 +51,7 @@ from typing_extensions import Unpack
 from ..base import CommonOptions, GenericAdaptiveOptimizer, Group, ParamsT, Scalars, State
 from ..execution import BATCH_DIMS
 from ..functional import replicated
-from ..validation import _in_range, _non_negative, validate_checks, with_listed_params
+from ..validation import _in_range, _non_negative, with_listed_params
 from ..weight_decay import WeightDecay
 
 __all__ = [
@@ -148,6 +148,7 @@ class Adafactor(GenericAdaptiveOptimizer):
     """
 
     kind = "matrixwise"  # RMS(theta) and RMS(U) over whole params, moments over the last two dims
+    own_checks = ADAFACTOR_CHECKS
 
     def __init__(
         self,
@@ -161,7 +162,6 @@ class Adafactor(GenericAdaptiveOptimizer):
         **options: Unpack[CommonOptions],
     ) -> None:
         defaults: dict[str, Any] = dict(lr=lr, beta2_decay=beta2_decay, **_split_eps(eps), d=d)
-        validate_checks(ADAFACTOR_CHECKS, defaults)
         super().__init__(params, defaults, weight_decay=weight_decay, **options)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -170,7 +170,6 @@ class Adafactor(GenericAdaptiveOptimizer):
             param_group = with_listed_params(param_group)
             if "eps" in param_group:
                 param_group.update(_split_eps(param_group.pop("eps")))
-            validate_checks(ADAFACTOR_CHECKS, {**self.defaults, **param_group})
             for param in param_group.get("params", ()):
                 if isinstance(param, torch.Tensor) and param.is_complex():
                     # Stepped as a real view it would gain a dim of 2 and be factored over it; torch

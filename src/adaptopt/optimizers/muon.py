@@ -74,7 +74,7 @@ from typing_extensions import Unpack
 
 from ..base import CommonOptions, GenericAdaptiveOptimizer, Group, ParamsT, Scalars, State
 from ..functional import replicated
-from ..validation import _flag, _in_range, validate_checks, with_listed_params
+from ..validation import _flag, _in_range, with_listed_params
 from ..weight_decay import WeightDecay
 from .adam import Adam
 
@@ -204,6 +204,7 @@ class Muon(GenericAdaptiveOptimizer):
     """
 
     kind = "matrixwise"  # the orthogonalization reads a whole matrix: not elementwise
+    own_checks = MUON_CHECKS
 
     def __init__(
         self,
@@ -230,7 +231,6 @@ class Muon(GenericAdaptiveOptimizer):
             adjust_lr_fn=adjust_lr_fn,
             ns_dtype=_ns_dtype_name(ns_dtype),
         )
-        validate_checks(MUON_CHECKS, defaults)
         super().__init__(params, defaults, weight_decay=weight_decay, **options)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -239,7 +239,6 @@ class Muon(GenericAdaptiveOptimizer):
             param_group = with_listed_params(param_group)
             if "ns_dtype" in param_group:
                 param_group["ns_dtype"] = _ns_dtype_name(param_group["ns_dtype"])
-            validate_checks(MUON_CHECKS, {**self.defaults, **param_group})
             for param in param_group.get("params", ()):
                 if isinstance(param, torch.Tensor) and (param.ndim != 2 or param.is_complex()):
                     what = f"a {param.dtype} param" if param.is_complex() else "a param"
