@@ -694,9 +694,9 @@ class BucketedExecution:
             return
         variants: dict[str, tuple[Scalars, CompiledUpdate | None, torch.Tensor | None]] = {}
         for segment, grad in _segments(bucket, first, last, in_place, self._whole_tensors):
-            # A tensorwise update reduces over a whole param, or over several with their `starts`: two kinds of
-            # call, told apart by a constant in the scalars (so each has its compiled update).
-            # Several params of one size are rows of a matrix (each sum a row's), a constant of the call too.
+            # A tensorwise update reduces over a whole param, over rows of params of one size, or over several
+            # with their `starts`: three kinds of call, told apart by constants in the scalars (the kind, and
+            # the row size), so each has its compiled update.
             extents = "" if not self._whole_tensors else _extents_kind(segment)
             variant = f"{extents}{segment.row_numel or ''}"
             if variant not in variants:
