@@ -317,9 +317,10 @@ class GenericAdaptiveOptimizer(Optimizer):
             params = group["params"]
             if self._buckets is not None and not self._needs_working_copies(group):
                 params = self._buckets.reduce_group(group, collect, add)
+            through_copies = self._needs_working_copies(group)
             for param, grad in self.params_with_grad(params):
                 state = self.state_for(group, param)
-                if self._needs_working_copies(group):
+                if through_copies:
                     self._through_working_copies(collect, state, group, as_real(grad), as_real(param))
                 else:
                     collect(state, group, as_real(grad), as_real(param))
@@ -358,9 +359,10 @@ class GenericAdaptiveOptimizer(Optimizer):
 
     def _step_params(self, group: Group, params: Iterable[torch.Tensor]) -> None:
         """The reference execution: one parameter at a time."""
+        through_copies = self._needs_working_copies(group)  # once: it looks at every param of the group
         for param, grad in self.params_with_grad(params):
             state = self.state_for(group, param)
-            if self._needs_working_copies(group):
+            if through_copies:
                 self._through_working_copies(self._step_one, state, group, as_real(grad), as_real(param))
             else:
                 self._step_one(state, group, as_real(grad), as_real(param))
@@ -422,10 +424,10 @@ class GenericAdaptiveOptimizer(Optimizer):
         """
         state["step"] = 0
         real = as_real(param)
-        if not self._stores_in_other_dtype(group):
+        work_dtype = _working_dtype(real.dtype)
+        if group["state_dtype"] is None and not (group["master_weights"] and work_dtype != real.dtype):
             self.init_state(state, group, real)
             return
-        work_dtype = _working_dtype(real.dtype)
         if group["master_weights"] and work_dtype != real.dtype:
             state[MASTER_WEIGHT] = real.detach().to(work_dtype, copy=True)
             working = state[MASTER_WEIGHT]
@@ -451,7 +453,8 @@ class GenericAdaptiveOptimizer(Optimizer):
         to its dtype, and on the state upcast from its storage dtype; the state is then rounded back into
         its storage and the param re-derived from the master. `grad` and `param` are real (`as_real`).
         """
-        work_dtype = _working_dtype(param.dtype) if self._stores_in_other_dtype(group) else param.dtype
+        widened = group["master_weights"] or group["state_dtype"] is not None
+        work_dtype = _working_dtype(param.dtype) if widened else param.dtype
         master = state.get(MASTER_WEIGHT)
         work_param = master if master is not None else param.to(work_dtype)
         work_grad = self._unscaled(grad).to(work_dtype)
