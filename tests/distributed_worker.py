@@ -148,15 +148,13 @@ cover them all). None: the base sums a first pass's partial DTensor totals over 
 Prodigy's estimate), and the optimizers replicate their reductions (`functional.replicated`) before any scalar meets
 them, which torch 2.7's DTensor would otherwise have cached from the first step (Prodigy, Adafactor)."""
 FSDP_REPLACED: dict[str, Case] = {
-    # torch.distributed.checkpoint's get_state_dict reads torch's state_dict format, which MuonWithAdamW's
-    # {"muon": ..., "adamw": ...} is not: under FSDP2 with distributed checkpoints, Muon over the matrices. Its
-    # Newton-Schulz in float64: on shards DTensor sums the products in another order, which in bfloat16 ends
-    # 4e-2 away from one process (an equally valid rounding), in float64 at rounding.
+    # The registry's muon, its state dict read and written by torch.distributed.checkpoint, with its Newton-Schulz
+    # in float64: on shards DTensor sums the products in another order, which in bfloat16 ends 4e-2 away from
+    # one process (an equally valid rounding), in float64 at rounding.
     "muon": Case(
-        "muon_matrices_float64",
-        adaptopt.Muon,
+        "muon_float64_newton_schulz",
+        adaptopt.muon_with_adamw,
         dict(lr=1e-2, weight_decay=0.01, ns_dtype=torch.float64),
-        params=matrices,
     ),
 }
 FSDP_CASES: tuple[Case, ...] = tuple(
@@ -295,11 +293,7 @@ def single_process_run(case: Case, rows: int = GLOBAL_BATCH) -> tuple[dict[str, 
 
 
 def per_param_state(state_dict: dict[str, Any]) -> dict[Any, Any]:
-    """The per-param state of a state dict; MuonWithAdamW's holds Muon's and AdamW's, by "muon/i", "adamw/i"."""
-    if set(state_dict) == {"muon", "adamw"}:
-        return {
-            f"{part}/{index}": entry for part in ("muon", "adamw") for index, entry in state_dict[part]["state"].items()
-        }
+    """The per-param state of a state dict, by param index."""
     state: dict[Any, Any] = state_dict["state"]
     return state
 

@@ -3,7 +3,7 @@
 Each scenario test starts two real processes with `adaptopt.distributed.launch` (gloo, CPU, 127.0.0.1 on
 a free port) that run `distributed_worker.run_scenario`: every optimizer in `CASES` (DDP), `ZERO_CASES`
 (ZeroRedundancyOptimizer: Prodigy with its sums all-reduced, LAMB without its clipping, Muon alone over the
-matrices) or `FSDP_CASES` (FSDP2: Muon over the matrices, its Newton-Schulz in float64; `FSDP_UNSUPPORTED`
+matrices) or `FSDP_CASES` (FSDP2: `muon_with_adamw` with its Newton-Schulz in float64; `FSDP_UNSUPPORTED`
 would name any optimizer that fails on DTensor params, and names none), each rank taking half of every
 global batch. It compares what they end with against `single_process_run`: the same model trained on the
 whole batch in this process. One launch per scenario covers every optimizer, so the file costs five

@@ -585,13 +585,15 @@ def test_muon_with_adamw_trains_schedules_and_resumes() -> None:
         assert torch.equal(mine, other)
     # A state_dict that does not fit changes neither part.
     broken = copy.deepcopy(saved)
-    broken["adamw"]["param_groups"][0]["params"] = broken["adamw"]["param_groups"][0]["params"][:-1]
-    before = copy.deepcopy(resumed.state_dict())
-    with pytest.raises(ValueError):
+    adamw_group = broken["param_groups"][1]
+    assert adamw_group["use_muon"] is False
+    adamw_group["params"] = adamw_group["params"][:-1]
+    before = copy.deepcopy(resumed.muon.state_dict())
+    with pytest.raises(ValueError, match="params"):
         resumed.load_state_dict(broken)
-    assert resumed.muon.state_dict()["param_groups"] == before["muon"]["param_groups"]
+    assert resumed.muon.state_dict()["param_groups"] == before["param_groups"]
     assert all(
-        torch.equal(resumed.muon.state[p]["momentum_buffer"], before["muon"]["state"][i]["momentum_buffer"])
+        torch.equal(resumed.muon.state[p]["momentum_buffer"], before["state"][i]["momentum_buffer"])
         for i, p in enumerate(resumed.muon.param_groups[0]["params"])
     )
 
@@ -616,9 +618,65 @@ def test_muon_with_adamw_with_one_side_empty() -> None:
     optimizer.step()
     assert not torch.equal(layer.weight, before)
     assert _params_of(optimizer.adamw) == []
-    assert (
-        copy.deepcopy(optimizer).state_dict()["muon"]["param_groups"] == optimizer.state_dict()["muon"]["param_groups"]
+    assert copy.deepcopy(optimizer).state_dict()["param_groups"] == optimizer.state_dict()["param_groups"]
+
+
+def _trained_muon_with_adamw(model: nn.Module) -> MuonWithAdamW:
+    optimizer = muon_with_adamw(model, lr=5e-2, weight_decay=0.01)
+    tokens = torch.randint(0, 11, (4, 9), generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        optimizer.zero_grad()
+        F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        optimizer.step()
+    return optimizer
+
+
+def test_muon_with_adamw_state_dict_is_torchs_format_over_its_param_groups() -> None:
+    model = _model()
+    optimizer = _trained_muon_with_adamw(model)
+    saved = optimizer.state_dict()
+    muon, adamw = optimizer.muon.state_dict(), optimizer.adamw.state_dict()
+    assert set(saved) == {"state", "param_groups"}
+    # Numbered as one optimizer over param_groups numbers them: Muon's two matrices, then AdamW's six.
+    assert [group["params"] for group in saved["param_groups"]] == [[0, 1], [2, 3, 4, 5, 6, 7]]
+    assert [group["use_muon"] for group in saved["param_groups"]] == [True, False]
+    assert_identical(saved["state"], {**muon["state"], **{i + 2: entry for i, entry in adamw["state"].items()}})
+    assert_identical(
+        [{k: v for k, v in group.items() if k not in ("use_muon", "params")} for group in saved["param_groups"]],
+        [
+            {k: v for k, v in group.items() if k != "params"}
+            for group in (*muon["param_groups"], *adamw["param_groups"])
+        ],
     )
+    order = [p for group in optimizer.param_groups for p in group["params"]]
+    assert all(optimizer.state[param] is not None for param in order)
+    assert torch.equal(saved["state"][0]["momentum_buffer"], optimizer.state[order[0]]["momentum_buffer"])
+    assert torch.equal(saved["state"][2]["exp_avg"], optimizer.state[order[2]]["exp_avg"])
+
+
+def test_muon_with_adamw_loads_the_pair_of_adaptopt_0_1() -> None:
+    model = _model()
+    trained = _trained_muon_with_adamw(model)
+    pair = {"muon": trained.muon.state_dict(), "adamw": trained.adamw.state_dict()}
+    fresh = muon_with_adamw(model, lr=5e-2, weight_decay=0.01)
+    fresh.load_state_dict(copy.deepcopy(pair))
+    assert_identical(fresh.state_dict(), trained.state_dict())
+
+
+def test_muon_with_adamw_refuses_a_group_on_the_wrong_side_and_changes_nothing() -> None:
+    model = _model()
+    optimizer = _trained_muon_with_adamw(model)
+    saved = copy.deepcopy(optimizer.state_dict())
+    saved["param_groups"][0]["use_muon"] = False
+    before = copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(ValueError, match="param group 0 of the state_dict has use_muon=False"):
+        optimizer.load_state_dict(saved)
+    assert_identical(optimizer.state_dict(), before)
+    stray = copy.deepcopy(before)
+    stray["state"][99] = stray["state"][0]
+    with pytest.raises(ValueError, match="param id 99, which is in no group"):
+        optimizer.load_state_dict(stray)
+    assert_identical(optimizer.state_dict(), before)
 
 
 def test_muon_with_adamw_rejects_overlap() -> None:

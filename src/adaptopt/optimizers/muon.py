@@ -289,8 +289,12 @@ class MuonWithAdamW(Optimizer):
     * `param_groups` lists Muon's groups, then AdamW's: the very dicts the two step with, so that an LR
       scheduler's (or anyone's) changes reach them; `add_param_group` takes Keller Jordan's `use_muon` key.
     * `state` is a merged copy of both states, for reading (a param's own state dict is the live one).
-    * `state_dict()` is `{"muon": ..., "adamw": ...}`; `load_state_dict` loads both or, if either part does
-      not fit, neither.
+    * `state_dict()` is in torch's format, as one optimizer's over `param_groups` (Muon's params numbered
+      first), each group marked with its `use_muon`: `torch.distributed.checkpoint`'s `get_state_dict` and
+      `set_state_dict` read and write it. `load_state_dict` splits it by position and loads both parts or, if
+      either does not fit, neither; it also reads the `{"muon": ..., "adamw": ...}` of adaptopt 0.1.
+    * The state-dict hooks of `torch.optim.Optimizer` (`register_state_dict_pre_hook` and the rest) run
+      around the whole; the parts run their own.
     """
 
     def __init__(self, muon: Muon, adamw: Optimizer) -> None:
@@ -351,18 +355,82 @@ class MuonWithAdamW(Optimizer):
         (self.muon if param_group["use_muon"] else self.adamw).add_param_group(rest)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        muon, adamw = self.muon.state_dict(), self.adamw.state_dict()
+        # Each part numbers its params from 0 in its groups' order; one optimizer over `param_groups` would
+        # number AdamW's after Muon's.
+        offset = sum(len(group["params"]) for group in muon["param_groups"])
+        state_dict: dict[str, Any] = {
+            "state": {**muon["state"], **{index + offset: entry for index, entry in adamw["state"].items()}},
+            "param_groups": [
+                *({**group, "use_muon": True} for group in muon["param_groups"]),
+                *(
+                    {**group, "params": [index + offset for index in group["params"]], "use_muon": False}
+                    for group in adamw["param_groups"]
+                ),
+            ],
+        }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        if not isinstance(state_dict, Mapping) or set(state_dict) != {"muon", "adamw"}:
-            raise ValueError("a MuonWithAdamW state_dict is a mapping with the keys 'muon' and 'adamw'")
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)  # type: ignore[arg-type]
+            if result is not None:
+                state_dict = result
+        muon_part, adamw_part = self._split(state_dict)
         before = self.muon.state_dict()
-        self.muon.load_state_dict(state_dict["muon"])
+        self.muon.load_state_dict(muon_part)
         try:
-            self.adamw.load_state_dict(state_dict["adamw"])
+            self.adamw.load_state_dict(adamw_part)
         except BaseException:
             self.muon.load_state_dict(before)  # both or neither
             raise
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _split(self, state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Muon's and AdamW's state dicts in `state_dict` (this class's format, or adaptopt 0.1's pair)."""
+        if isinstance(state_dict, Mapping) and set(state_dict) == {"muon", "adamw"}:
+            return dict(state_dict["muon"]), dict(state_dict["adamw"])
+        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError("state_dict must be a mapping with the keys 'state' and 'param_groups'")
+        groups, muon_groups = list(state_dict["param_groups"]), len(self.muon.param_groups)
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(groups)} param groups, this optimizer has {len(self.param_groups)}")
+        for index, group in enumerate(groups):
+            if not isinstance(group, Mapping) or "params" not in group:
+                raise ValueError(f"param group {index} of the state_dict is not a mapping with 'params'")
+            if len(group["params"]) != len(self.param_groups[index]["params"]):
+                raise ValueError(
+                    f"param group {index} has {len(group['params'])} params in the state_dict "
+                    f"and {len(self.param_groups[index]['params'])} in this optimizer"
+                )
+            if "use_muon" in group and group["use_muon"] != (index < muon_groups):
+                raise ValueError(
+                    f"param group {index} of the state_dict has use_muon={group['use_muon']!r}; this optimizer's "
+                    f"first {muon_groups} groups are Muon's, the others AdamW's"
+                )
+        parts = []
+        for part_groups in (groups[:muon_groups], groups[muon_groups:]):
+            ids = [saved_id for group in part_groups for saved_id in group["params"]]
+            parts.append(
+                {
+                    "state": {
+                        saved_id: state_dict["state"][saved_id] for saved_id in ids if saved_id in state_dict["state"]
+                    },
+                    "param_groups": [{k: v for k, v in group.items() if k != "use_muon"} for group in part_groups],
+                }
+            )
+        grouped = {saved_id for group in groups for saved_id in group["params"]}
+        strays = [saved_id for saved_id in state_dict["state"] if saved_id not in grouped]
+        if strays:
+            raise ValueError(f"state_dict has state for param id {strays[0]!r}, which is in no group")
+        return parts[0], parts[1]
 
 
 ExcludeT = Iterable[nn.Module | torch.Tensor | str]
