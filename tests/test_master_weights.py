@@ -126,15 +126,13 @@ def test_a_master_weight_checkpoint_resumes_without_masters(name: str) -> None:
 # 0.13% (AdaBelief) to 0.52% (ADOPT) for the Adam family, AdEMAMix and ADOPT, 3.4% for Sophia, whose
 # clipped ratio |m| / (rho h) passes the rounding of m and h straight to the step. Bounds: 1% and 5%.
 # Lion steps by sign(m): the rounding of m changes nothing until it flips a sign, which first happens after
-# 20 steps here, and then moves that coordinate by lr (measured over 60 steps: 3.3%). Schedule-Free's state
-# holds z, an iterate of the weights themselves, so bf16 rounds z by up to half a bf16 ulp of |p|, not of
-# the update (measured: 5.2%); bound 10%. Prodigy's state holds p0, the initial weights, which its estimate of
-# the distance travelled compares the weights with: rounded to bf16, p0 - p is off by up to half a bf16 ulp of
-# |p|, as much as the distance itself in the first steps, and d (the step size of every param) follows it
-# (measured: 9.4% over 20 steps, 20% over 40); bound 15%. Muon's update is the momentum orthogonalized, every
+# 20 steps here, and then moves that coordinate by lr (measured over 60 steps: 3.3%). Schedule-Free's z and
+# Prodigy's p0 are copies of the weights and stay fp32 (`weight_like_state`): 0.13% and 0.32% over 20 steps
+# (stored in bf16, they measured 5.2% and 9.4%, since a rounding of the weights is half a bf16 ulp of |p|, as
+# much as Prodigy's distance travelled in its first steps). Muon's update is the momentum orthogonalized, every
 # singular direction moved alike, the weakest too, whose direction a rounding of the momentum turns (measured:
 # 10.9% over 20 steps, 35% over 40); bound 15%. LAMB and Adafactor: 0.32% and 0.17%, within the 1%.
-BF16_STATE_COST_BOUND = {"sophia": 0.05, "lion": 0.05, "schedule_free_adamw": 0.1, "prodigy": 0.15, "muon": 0.15}
+BF16_STATE_COST_BOUND = {"sophia": 0.05, "lion": 0.05, "muon": 0.15}
 BF16_STATE_STEPS = {"lion": 60}
 
 
@@ -145,10 +143,12 @@ def test_bf16_state_costs_little_accuracy(name: str) -> None:
     train(fp32_state, make_optimizer(name, fp32_state.parameters()), steps)
     optimizer = make_optimizer(name, bf16_state.parameters(), state_dtype=torch.bfloat16)
     train(bf16_state, optimizer, steps)
+    # Copies of the weights (Schedule-Free's z, Prodigy's p0) keep fp32: rounding them would round the weights.
+    weight_like = getattr(type(optimizer), "weight_like_state", frozenset())
     assert all(
-        value.dtype == torch.bfloat16
+        value.dtype == (torch.float32 if key in weight_like else torch.bfloat16)
         for state in optimizer.state.values()
-        for value in state.values()
+        for key, value in state.items()
         if torch.is_tensor(value)
     )
     start = [p.detach() for p in make_model(torch.float32).parameters()]

@@ -80,7 +80,8 @@ class CommonOptions(TypedDict, total=False):
     * `master_weights`: step fp16/bf16 params through fp32 master copies kept in the state (the params are
       re-derived from them after every step), with fp32 optimizer state; no effect on fp32/fp64 params.
     * `state_dtype`: the dtype the optimizer's state tensors are stored in (`torch.float32` or
-      `torch.bfloat16`); the math still runs in fp32 (or the param's dtype, if wider).
+      `torch.bfloat16`); the math still runs in fp32 (or the param's dtype, if wider). Copies of the
+      weights in the state (`weight_like_state`: Schedule-Free's `z`, Prodigy's `p0`) keep that precision.
     * `execution`: how `step` runs the math (see `execution.py` and docs/performance.md): `"reference"`, a
       plain loop over params; `"bucketed"`, once per contiguous bucket of params; `"compiled"`, the
       bucketed update under `torch.compile`; `"auto"` (the default), the fastest of these that applies.
@@ -118,6 +119,11 @@ class GenericAdaptiveOptimizer(Optimizer):
     own_checks: ClassVar[Mapping[str, Callable[[str, Any], None]]] = {}
     """Checks of the optimizer's own group keys, which the family's table (`validation`) does not know: run
     on the defaults, on every added group and on every group a `load_state_dict` brings."""
+
+    weight_like_state: ClassVar[frozenset[str]] = frozenset()
+    """State entries that are copies or iterates of the param itself (Schedule-Free's `z`, Prodigy's `p0`),
+    not statistics of its grads: `state_dtype` leaves them in the working precision, since rounding them
+    would round the weights (half an ulp of |p|), not a step."""
 
     reduces: ClassVar[bool] = False
     """Whether a step first needs sums over every param of every group (Prodigy's estimate of the distance
@@ -436,7 +442,9 @@ class GenericAdaptiveOptimizer(Optimizer):
         self.init_state(state, group, working)
         storage = work_dtype if group["state_dtype"] is None else getattr(torch, group["state_dtype"])
         for key, value in state.items():
-            if key != MASTER_WEIGHT and isinstance(value, torch.Tensor) and value.is_floating_point():
+            if key == MASTER_WEIGHT or key in self.weight_like_state:
+                continue
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
                 state[key] = value.to(storage)
 
     def _through_working_copies(

@@ -59,6 +59,7 @@ class Prodigy(GenericAdaptiveOptimizer):
     """
 
     kind = "elementwise"
+    weight_like_state = frozenset({"p0"})  # kept in the working precision under a state_dtype
     reduces = True
     group_state: ClassVar[Mapping[str, Any]] = {
         "d": None,

@@ -53,6 +53,7 @@ class ScheduleFreeAdamW(GenericAdaptiveOptimizer):
     """
 
     kind = "elementwise"
+    weight_like_state = frozenset({"z"})  # kept in the working precision under a state_dtype
     own_weight_decay = True
     group_state: ClassVar[Mapping[str, Any]] = {
         "k": 0,
