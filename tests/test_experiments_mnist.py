@@ -1,4 +1,5 @@
-"""`adaptopt mnist` end to end on small IDX files: outputs, resume, determinism, overrides and Sophia."""
+"""`adaptopt mnist` end to end on small IDX files: outputs, curves, resume and extension, determinism, overrides,
+TensorBoard and the optimizers with their own ways (Sophia, Schedule-Free, Muon)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ def numbers(out: Path) -> dict[str, Any]:
     for result in document["optimizers"].values():
         for epoch in result["epochs"]:
             del epoch["wall_time_s"]
+        del result["curve"]["wall_time_s"]
     del document["environment"]
     return document
 
@@ -61,7 +63,7 @@ def test_outputs_schema_table_and_plots(data_dir: Path, tmp_path: Path, capsys: 
     optimizers = ",".join(registry.available())
     assert run_cli(data_dir, out, "--seed=3", optimizers=optimizers) == 0
     document = json.loads((out / "results.json").read_text())
-    assert document["schema_version"] == 1
+    assert document["schema_version"] == 2
     assert document["config"]["epochs"] == 2
     assert document["config"]["seed"] == 3
     assert document["config"]["optimizers"] == optimizers.split(",")
@@ -81,6 +83,15 @@ def test_outputs_schema_table_and_plots(data_dir: Path, tmp_path: Path, capsys: 
             assert set(epoch) == {"epoch", "train_loss", "test_loss", "test_accuracy", "wall_time_s", "steps"}
             assert 0.0 <= epoch["test_accuracy"] <= 1.0
             assert epoch["train_loss"] > 0 and epoch["test_loss"] > 0 and epoch["wall_time_s"] > 0
+        # Ten steps an epoch are fewer than 50 points: a point at every step, on the optimizer's clock.
+        curve = result["curve"]
+        assert curve["step"] == list(range(1, 2 * STEPS_PER_EPOCH + 1)), name
+        assert all(b >= a > 0 for a, b in zip(curve["wall_time_s"], curve["wall_time_s"][1:], strict=False)), name
+        assert curve["wall_time_s"][-1] <= sum(epoch["wall_time_s"] for epoch in result["epochs"])
+        # The epoch's training loss is the mean over its examples of these batch losses (equal batches).
+        for epoch in result["epochs"]:
+            in_epoch = curve["train_loss"][epoch["steps"] - STEPS_PER_EPOCH : epoch["steps"]]
+            assert sum(in_epoch) / STEPS_PER_EPOCH == pytest.approx(epoch["train_loss"], rel=1e-12), name
     # The warm-up schedules are sized from the run: 5% of the 20 steps, cosine decay over all of them.
     assert document["optimizers"]["adam_warmup_cosine_decay"]["hyperparameters"] == {
         "lr": 0.001,
@@ -110,7 +121,7 @@ def test_outputs_schema_table_and_plots(data_dir: Path, tmp_path: Path, capsys: 
     assert "| optimizer | lr | epochs |" in printed
     assert str(out / "loss.png") in printed
 
-    for plot in ("loss.png", "accuracy.png"):
+    for plot in ("loss.png", "loss_by_time.png", "accuracy.png"):
         content = (out / plot).read_bytes()
         assert content.startswith(PNG_SIGNATURE)
         pixels = matplotlib.image.imread(out / plot)
@@ -123,6 +134,9 @@ def test_outputs_schema_table_and_plots(data_dir: Path, tmp_path: Path, capsys: 
 def test_same_seed_same_numbers_and_resume_after_ctrl_c_continues_identically(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # Three points an epoch, so a point every 3 steps and one at the 10th: the Ctrl-C below, at step 4 of the
+    # second epoch, falls inside an open window of the curve, which the checkpoint must carry.
+    monkeypatch.setattr(train, "POINTS_PER_EPOCH", 3)
     # Same seed, same numbers: the interrupted and resumed run below must equal this one; another seed must not.
     assert run_cli(data_dir, tmp_path / "first") == 0
     assert run_cli(data_dir, tmp_path / "other_seed", "--seed=1") == 0
@@ -154,6 +168,164 @@ def test_same_seed_same_numbers_and_resume_after_ctrl_c_continues_identically(
 
     assert run_cli(data_dir, interrupted, "--resume") == 0
     assert numbers(interrupted) == numbers(tmp_path / "first")
+    curve = numbers(interrupted)["optimizers"]["sophia"]["curve"]
+    assert curve["step"] == [3, 6, 9, 10, 13, 16, 19, 20]
+
+
+def test_resume_with_more_epochs_equals_a_straight_run(data_dir: Path, tmp_path: Path) -> None:
+    # adam and sophia (its sampler and Hessian steps too) do not depend on the run's length.
+    assert run_cli(data_dir, tmp_path / "straight") == 0
+    extended = tmp_path / "extended"
+    assert run_cli(data_dir, extended, "--epochs=1") == 0
+    assert run_cli(data_dir, extended, "--resume") == 0
+    assert numbers(extended) == numbers(tmp_path / "straight")
+    # Resuming a finished run with as many epochs trains nothing more and changes nothing.
+    before = numbers(extended)
+    assert run_cli(data_dir, extended, "--resume") == 0
+    assert numbers(extended) == before
+
+
+def test_resume_with_more_epochs_refuses_schedules_sized_to_the_run_and_says_how_to_keep_them(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    optimizers = "sgd,adam_warmup_cosine_decay,ademamix"
+    assert run_cli(data_dir, out, "--epochs=1", optimizers=optimizers) == 0
+    saved = {name: torch.load(out / f"checkpoints/{name}.pt", weights_only=True) for name in optimizers.split(",")}
+    capsys.readouterr()
+    assert run_cli(data_dir, out, "--resume", optimizers=optimizers) == 1
+    error = capsys.readouterr().err
+    assert "--epochs 2 cannot extend adam_warmup_cosine_decay, ademamix:" in error
+    pins = [
+        "--set",
+        "adam_warmup_cosine_decay.warmup=1",
+        "--set",
+        f"adam_warmup_cosine_decay.total_steps={STEPS_PER_EPOCH}",
+        "--set",
+        f"ademamix.alpha_warmup={STEPS_PER_EPOCH}",
+        "--set",
+        f"ademamix.beta3_warmup={STEPS_PER_EPOCH}",
+    ]
+    assert "add " + " ".join(pins) + ";" in error
+    assert str(out / "checkpoints/ademamix.pt") in error and "Traceback" not in error
+    # Refused before anything trained: sgd, which could have gone on, was not touched either.
+    for name, checkpoint in saved.items():
+        assert torch.load(out / f"checkpoints/{name}.pt", weights_only=True)["steps"] == checkpoint["steps"], name
+    # The flags it gives continue them on their saved schedules: as a straight run with those settings.
+    assert run_cli(data_dir, out, "--resume", *pins, optimizers=optimizers) == 0
+    assert run_cli(data_dir, tmp_path / "straight", *pins, optimizers=optimizers) == 0
+    assert numbers(out) == numbers(tmp_path / "straight")
+
+
+def test_plot_redraws_a_run_from_results_json_of_either_schema(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert run_cli(data_dir, out, optimizers="adam,sgd") == 0
+    document = json.loads((out / "results.json").read_text())
+    # A version-1 file, as adaptopt 0.1 wrote it: no curves.
+    old = {**document, "schema_version": 1}
+    old["optimizers"] = {
+        name: {k: v for k, v in r.items() if k != "curve"} for name, r in document["optimizers"].items()
+    }
+    old_dir = tmp_path / "old"
+    old_dir.mkdir()
+    (old_dir / "results.json").write_text(json.dumps(old))
+    capsys.readouterr()
+    assert cli.main(["plot", str(old_dir)]) == 0
+    assert "| adam | 0.001 | 2 |" in capsys.readouterr().out
+    assert (old_dir / "results.md").read_text() == (out / "results.md").read_text()
+    for plot in ("loss.png", "loss_by_time.png", "accuracy.png"):
+        assert matplotlib.image.imread(old_dir / plot)[..., :3].std() > 0.05, plot
+    (old_dir / "results.json").write_text(json.dumps({**old, "schema_version": 99}))
+    assert cli.main(["plot", str(old_dir)]) == 1
+    assert f"{old_dir / 'results.json'}: schema version 99" in capsys.readouterr().err
+    (old_dir / "results.json").write_text("{not json")
+    assert cli.main(["plot", str(old_dir)]) == 1
+    error = capsys.readouterr().err
+    assert f"{old_dir / 'results.json'}: not a readable results.json" in error and "Traceback" not in error
+
+
+def test_smoothing_is_a_debiased_ema() -> None:
+    from adaptopt.experiments.report import smooth
+
+    assert smooth([4.0, 2.0, 1.0], 1.0) == [4.0, 2.0, 1.0]
+    # beta = 1/2: (0.5*4)/0.5, (0.25*4 + 0.5*2)/0.75, ...
+    assert smooth([4.0, 2.0, float("nan"), 1.0], 2.0)[:2] == [4.0, pytest.approx(2.0 / 0.75)]
+    last = (0.125 * 4 + 0.25 * 2 + 0.5 * 1) / 0.875
+    assert smooth([4.0, 2.0, float("nan"), 1.0], 2.0)[3] == pytest.approx(last, rel=1e-15)
+
+
+def test_tensorboard_scalars_read_back(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # Killed (not Ctrl-C) in the second epoch: the resumed run starts over from the epoch-1 checkpoint, and
+    # the steps logged after it must not appear twice.
+    real_train_step = train.train_step
+
+    class Killed(BaseException):
+        pass
+
+    def train_step_then_die(run: train.OptimizerRun, *args: Any, **kwargs: Any) -> float:
+        loss = real_train_step(run, *args, **kwargs)
+        if run.name == "adam_warmup" and run.steps == STEPS_PER_EPOCH + 4:
+            raise Killed
+        return loss
+
+    monkeypatch.setattr(train, "train_step", train_step_then_die)
+    out, board = tmp_path / "out", tmp_path / "board"
+    optimizers = "adam_warmup,sgd"
+    with pytest.raises(Killed):
+        run_cli(data_dir, out, f"--tensorboard={board}", "--set=adam_warmup.warmup=4", optimizers=optimizers)
+    monkeypatch.setattr(train, "train_step", real_train_step)
+    assert (
+        run_cli(
+            data_dir, out, "--resume", f"--tensorboard={board}", "--set=adam_warmup.warmup=4", optimizers=optimizers
+        )
+        == 0
+    )
+    document = json.loads((out / "results.json").read_text())
+    for name in optimizers.split(","):
+        events = EventAccumulator(str(board / name))
+        events.Reload()
+        assert set(events.Tags()["scalars"]) == {"train/loss", "train/lr", "test/loss", "test/accuracy"}
+        losses = events.Scalars("train/loss")
+        result = document["optimizers"][name]
+        assert [event.step for event in losses] == result["curve"]["step"], name
+        assert [event.value for event in losses] == pytest.approx(result["curve"]["train_loss"], rel=1e-6)  # float32
+        accuracy = events.Scalars("test/accuracy")
+        assert [(event.step, event.value) for event in accuracy] == [
+            (epoch["steps"], pytest.approx(epoch["test_accuracy"], rel=1e-6)) for epoch in result["epochs"]
+        ]
+    # The rate of each step: the warm-up's ramp over 4 steps, then 1e-3; SGD's constant lr.
+    rates = [event.value for event in EventAccumulator(str(board / "adam_warmup")).Reload().Scalars("train/lr")]
+    assert rates[:5] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3], rel=1e-6)
+    sgd_rates = [event.value for event in EventAccumulator(str(board / "sgd")).Reload().Scalars("train/lr")]
+    assert sgd_rates == pytest.approx([0.01] * 2 * STEPS_PER_EPOCH, rel=1e-6)
+
+
+def test_tensorboard_without_the_package_is_a_clear_error_before_training(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import raises ImportError
+    assert run_cli(data_dir, tmp_path / "out", f"--tensorboard={tmp_path / 'board'}") == 1
+    assert "--tensorboard needs the tensorboard package: pip install 'adaptopt[tensorboard]'" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_progress_bar_shows_the_running_loss_on_a_terminal(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert run_cli(data_dir, tmp_path / "out", optimizers="adam") == 0
+    captured = capsys.readouterr()
+    assert "adam 2/2" in captured.err and "loss=" in captured.err
+    # The per-epoch lines stay, for logs.
+    assert "adam epoch 2/2: train loss" in captured.out
 
 
 def test_existing_run_needs_resume_or_overwrite_and_config_must_match(
@@ -167,6 +339,8 @@ def test_existing_run_needs_resume_or_overwrite_and_config_must_match(
     assert run_cli(data_dir, out, "--resume", "--set=sgd.lr=0.1", optimizers="sgd") == 1
     error = capsys.readouterr().err
     assert f"{out / 'checkpoints/sgd.pt'}: made with a different configuration" in error
+    assert run_cli(data_dir, out, "--resume", "--epochs=1", optimizers="sgd") == 1
+    assert "sgd has already trained 2 epochs, more than --epochs 1; pass --epochs 2 or more" in capsys.readouterr().err
     assert run_cli(data_dir, out, "--overwrite", "--set=sgd.lr=0.1", optimizers="sgd") == 0
 
 

@@ -26,6 +26,7 @@ from .config import (
     parse_overrides,
     resolve_hyperparameters,
 )
+from .report import ResultsError
 from .train import CheckpointError, Interrupted, OptimizerRun
 
 __all__ = ["build_parser", "main"]
@@ -106,6 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="data-parallel training in N CPU processes, each on 1/N of every batch; the results equal one "
         "process's up to rounding (default: %(default)s)",
     )
+    mnist.add_argument(
+        "--tensorboard",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also write TensorBoard scalars to DIR/<optimizer> (loss and lr every step, test loss and accuracy "
+        "every epoch); needs pip install 'adaptopt[tensorboard]'",
+    )
+
+    plot = commands.add_parser(
+        "plot",
+        help="redraw results.md and the plots of a saved comparison from its results.json",
+        description="Reads RUN_DIR/results.json of any schema version (version 1 has no per-step curves: its "
+        "plots show the per-epoch training loss) and writes results.md and the plots next to it.",
+    )
+    plot.add_argument("run_dir", type=Path, metavar="RUN_DIR")
 
     data_command = commands.add_parser(
         "data",
@@ -231,7 +248,13 @@ def command_mnist(args: argparse.Namespace) -> int:
     if args.nproc > 1:
         env["nproc"] = args.nproc
     description = dataset.describe()
-    job = _MnistJob(config, (train_images, train_labels), (test_images, test_labels), out_dir, args.resume, device)
+    if args.tensorboard is not None:
+        from .tensorboard_log import TensorBoardLog
+
+        TensorBoardLog(args.tensorboard)  # a missing tensorboard package is an error now, not after training
+    job = _MnistJob(
+        config, (train_images, train_labels), (test_images, test_labels), out_dir, args.resume, device, args.tensorboard
+    )
     if args.nproc == 1:
         document, interruption = _train_and_report(job, description, env)
     else:
@@ -262,6 +285,7 @@ class _MnistJob:
     out_dir: Path
     resume: bool
     device: torch.device
+    tensorboard: Path | None = None
 
 
 def _train_and_report(
@@ -282,6 +306,11 @@ def _train_and_report(
     def log(line: str) -> None:
         print(line, flush=True)  # a rank's stdout is not line-buffered by `main`
 
+    scalars: train.ScalarLog = train.ScalarLog()
+    if job.tensorboard is not None and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        from .tensorboard_log import TensorBoardLog
+
+        scalars = TensorBoardLog(job.tensorboard)
     try:
         runs = train.run_comparison(
             job.config,
@@ -292,11 +321,26 @@ def _train_and_report(
             device=job.device,
             on_epoch=write,
             log=log,
+            scalars=scalars,
         )
     except Interrupted as interruption:
         return {}, str(interruption)
+    finally:
+        scalars.close()
     other_rank = torch.distributed.is_initialized() and torch.distributed.get_rank() != 0
     return {} if other_rank else write(runs), None
+
+
+def command_plot(args: argparse.Namespace) -> int:
+    from . import report
+
+    document = report.read_results(args.run_dir / "results.json")
+    report.write_results(args.run_dir, document)
+    dataset = document["dataset"]
+    plots = report.write_plots(args.run_dir, document, title=dataset.get("title", dataset.get("name", "")))
+    print(report.table(document))
+    print(f"\nResults: {args.run_dir / 'results.md'}\nPlots:   {', '.join(str(path) for path in plots)}")
+    return 0
 
 
 def command_synthetic(args: argparse.Namespace) -> int:
@@ -320,8 +364,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return command_mnist(args)
         if args.command == "data":
             return command_data(args)
+        if args.command == "plot":
+            return command_plot(args)
         return command_synthetic(args)
-    except (data.DataError, ConfigError, CheckpointError) as error:
+    except (data.DataError, ConfigError, CheckpointError, ResultsError) as error:
         print(f"adaptopt: error: {error}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:  # outside training (loading, plotting): nothing to save

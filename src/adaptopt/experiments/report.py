@@ -1,6 +1,7 @@
-"""What a comparison leaves in --out: results.json, results.md, loss.png and accuracy.png.
+"""What a comparison leaves in --out: results.json, results.md, loss.png, loss_by_time.png and accuracy.png.
 
-The schema of results.json is documented in docs/experiments.md; bump `SCHEMA_VERSION` when it changes.
+The schema of results.json is documented in docs/experiments.md; bump `SCHEMA_VERSION` when it changes and
+keep `read_results` reading the older ones. Version 2 added each optimizer's training-loss `curve`.
 """
 
 from __future__ import annotations
@@ -18,9 +19,24 @@ from .. import __version__
 from .config import RunConfig
 from .train import OptimizerRun
 
-__all__ = ["SCHEMA_VERSION", "environment", "results_document", "table", "write_plots", "write_results"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "ResultsError",
+    "environment",
+    "read_results",
+    "results_document",
+    "smooth",
+    "table",
+    "write_plots",
+    "write_results",
+]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
+
+
+class ResultsError(Exception):
+    """A results.json that cannot be read; the message names the file and what to do."""
 
 
 def environment(device: torch.device | str) -> dict[str, Any]:
@@ -63,11 +79,40 @@ def results_document(
                     "hyperparameters": hyperparameters[run.name],
                     "diverged": run.diverged,
                     "epochs": run.history,
+                    "curve": {
+                        "step": [step for step, _, _ in run.curve],
+                        "wall_time_s": [seconds for _, seconds, _ in run.curve],
+                        "train_loss": [loss for _, _, loss in run.curve],
+                    },
                 }
                 for run in runs
             },
         }
     )
+    return document
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A results.json of any readable schema version, as the current version's document: a version-1 file
+    (no per-step curves) gets empty curves, which the plots replace by the per-epoch training loss."""
+    try:
+        document: dict[str, Any] = json.loads(path.read_text())
+        version = document["schema_version"]
+        optimizers = document["optimizers"]
+        if not isinstance(optimizers, dict):
+            raise TypeError("its 'optimizers' is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ResultsError(
+            f"{path}: not a readable results.json ({error}); rerun the comparison to rewrite it"
+        ) from None
+    if version not in READABLE_SCHEMA_VERSIONS:
+        raise ResultsError(
+            f"{path}: schema version {version!r}, this adaptopt reads {READABLE_SCHEMA_VERSIONS}; "
+            "upgrade adaptopt, or rerun the comparison"
+        )
+    for result in optimizers.values():
+        result.setdefault("curve", {"step": [], "wall_time_s": [], "train_loss": []})
+    document["schema_version"] = SCHEMA_VERSION
     return document
 
 
@@ -144,29 +189,86 @@ def save_figure(figure: Any, path: Path) -> Path:
     return path
 
 
+def smooth(values: list[float], points_per_window: float) -> list[float]:
+    r"""The debiased exponential moving average of `values` (TensorBoard's smoothing, without its bias):
+    $s_t = \beta s_{t-1} + (1 - \beta) x_t$, divided by $1 - \beta^t$, with $\beta = 1 - 1/w$ for a window of
+    $w$ points. Non-finite values (a diverged run) are skipped, leaving NaN in their place."""
+    beta = 1.0 - 1.0 / max(points_per_window, 1.0)
+    average, weight, smoothed = 0.0, 0.0, []
+    for value in values:
+        if not math.isfinite(value):
+            smoothed.append(math.nan)
+            continue
+        average = beta * average + (1.0 - beta) * value
+        weight = beta * weight + (1.0 - beta)
+        smoothed.append(average / weight)
+    return smoothed
+
+
+SMOOTHING_WINDOW_FRACTION = 1 / 25
+"""The smoothing window, as a share of a curve's points (capped at 50 points): about half an epoch of a
+10-epoch run's 50 points an epoch, a tenth of an epoch of the 2-epoch demo's per-step points."""
+
+
+def _training_curve(result: dict[str, Any]) -> tuple[list[float], list[float], list[float]]:
+    """(steps, wall times, training losses): the per-step curve, or for a version-1 document the epochs'."""
+    curve = result.get("curve") or {}
+    if curve.get("step"):
+        return curve["step"], curve["wall_time_s"], [_nan(loss) for loss in curve["train_loss"]]
+    epochs = result["epochs"]
+    elapsed = np.cumsum([e["wall_time_s"] for e in epochs]).tolist()
+    return [e["steps"] for e in epochs], elapsed, [_nan(e["train_loss"]) for e in epochs]
+
+
 def write_plots(out_dir: Path, document: dict[str, Any], *, title: str) -> list[Path]:
-    """loss.png (train and test loss per epoch) and accuracy.png (test accuracy), one curve per optimizer."""
+    """loss.png (training loss per step, smoothed over the faint raw curve, and test loss per epoch, against
+    steps), loss_by_time.png (the smoothed training loss against wall time) and accuracy.png (test accuracy
+    per epoch), one colour per optimizer."""
     plt = pyplot()
     results = document["optimizers"]
-    loss_figure, (train_axis, test_axis) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
-    accuracy_figure, accuracy_axis = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
-    for name, result in results.items():
-        epochs = [e["epoch"] for e in result["epochs"]]
-        train_axis.plot(epochs, [_nan(e["train_loss"]) for e in result["epochs"]], marker="o", label=name)
-        test_axis.plot(epochs, [_nan(e["test_loss"]) for e in result["epochs"]], marker="o", label=name)
-        accuracy_axis.plot(epochs, [100 * _nan(e["test_accuracy"]) for e in result["epochs"]], marker="o", label=name)
-    for axis, label in ((train_axis, "train loss"), (test_axis, "test loss")):
-        axis.set(xlabel="epoch", ylabel=label, yscale="log", title=f"{title}: {label}")
-        axis.grid(True, which="both", alpha=0.3)
-    test_axis.legend(fontsize="small")
+    loss_figure, (train_axis, test_axis) = plt.subplots(1, 2, figsize=(13, 4.8), constrained_layout=True)
+    time_figure, time_axis = plt.subplots(figsize=(7.5, 4.8), constrained_layout=True)
+    accuracy_figure, accuracy_axis = plt.subplots(figsize=(7.5, 4.8), constrained_layout=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", ":", "-."]
+    for index, (name, result) in enumerate(results.items()):
+        # Sixteen optimizers outnumber the ten colours: the line style tells the second ten apart.
+        look = {"color": colours[index % len(colours)], "linestyle": styles[index // len(colours) % len(styles)]}
+        steps, seconds, losses = _training_curve(result)
+        per_step = bool((result.get("curve") or {}).get("step"))
+        window = min(50.0, max(1.0, SMOOTHING_WINDOW_FRACTION * len(losses)))
+        smoothed = smooth(losses, window) if per_step else losses
+        if per_step:
+            train_axis.plot(steps, losses, color=look["color"], alpha=0.2, linewidth=0.7)
+        train_axis.plot(steps, smoothed, label=name, marker=None if per_step else "o", **look)
+        time_axis.plot(seconds, smoothed, label=name, marker=None if per_step else "o", **look)
+        epochs = result["epochs"]
+        test_axis.plot(
+            [e["steps"] for e in epochs], [_nan(e["test_loss"]) for e in epochs], marker="o", label=name, **look
+        )
+        accuracy_axis.plot(
+            [e["epoch"] for e in epochs],
+            [100 * _nan(e["test_accuracy"]) for e in epochs],
+            marker="o",
+            label=name,
+            **look,
+        )
+    train_axis.set(xlabel="step", ylabel="training loss", yscale="log", title=f"{title}: training loss (smoothed)")
+    test_axis.set(xlabel="step", ylabel="test loss", yscale="log", title=f"{title}: test loss, every epoch")
+    time_axis.set(xlabel="wall time (s)", ylabel="training loss", yscale="log", title=f"{title}: training loss by time")
     accuracy_axis.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{title}: test accuracy")
-    accuracy_axis.grid(True, alpha=0.3)
-    accuracy_axis.legend(fontsize="small")
     from matplotlib.ticker import MaxNLocator
 
-    for axis in (train_axis, test_axis, accuracy_axis):
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
-    return [save_figure(loss_figure, out_dir / "loss.png"), save_figure(accuracy_figure, out_dir / "accuracy.png")]
+    accuracy_axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+    for axis in (train_axis, test_axis, time_axis, accuracy_axis):
+        axis.grid(True, which="both", alpha=0.3)
+    for axis in (test_axis, time_axis, accuracy_axis):
+        axis.legend(fontsize="small", ncol=2 if len(results) > 8 else 1)
+    return [
+        save_figure(loss_figure, out_dir / "loss.png"),
+        save_figure(time_figure, out_dir / "loss_by_time.png"),
+        save_figure(accuracy_figure, out_dir / "accuracy.png"),
+    ]
 
 
 def _nan(value: Any) -> float:

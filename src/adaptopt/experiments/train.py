@@ -18,6 +18,16 @@ optimizers' convention too) train at one point and are evaluated at another: `tr
 (so that the ranks' params stay identical), before evaluating and saving. An epoch's checkpoint therefore
 holds the evaluated weights, with the optimizer in eval mode, and one taken mid-epoch (Ctrl-C) the training
 weights in train mode; the mode is in the optimizer's state dict, so a resumed run continues bitwise either way.
+
+The training-loss curve (`OptimizerRun.curve`): a point every `curve_interval(steps_per_epoch)` steps of an
+epoch and at its last step, each the mean batch loss over the steps since the previous point, with the step
+count and the optimizer's wall time so far. The open window is part of the checkpoint, so an interrupted run's
+curve is the uninterrupted one's.
+
+Extending a run: `--resume` with a larger `--epochs` continues each optimizer whose hyper-parameters do not
+depend on the run's length from its checkpoint, and so equals a straight run of the new length. Those whose
+schedule is sized from the total step count (`SIZED_TO_THE_RUN`) would have taken their first steps on another
+schedule, so they are refused, all together, with the `--set` flags that keep their saved schedules.
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ from torch import nn
 from .. import registry
 from ..distributed import average_gradients, rank_share, world_size
 from ..optimizers import Sophia
-from .config import ConfigError, RunConfig
+from .config import SIZED_TO_THE_RUN, ConfigError, RunConfig
 from .model import MnistCnn, initial_state
 
 __all__ = [
@@ -49,6 +59,7 @@ __all__ = [
     "Interrupted",
     "OptimizerRun",
     "StopFlag",
+    "curve_interval",
     "epoch_order",
     "evaluate",
     "has_modes",
@@ -59,7 +70,10 @@ __all__ = [
     "train_step",
 ]
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
+READABLE_CHECKPOINT_FORMATS = (1, 2)
+"""Format 1 (adaptopt 0.1) has no training-loss curve: a run resumed from it lacks the points before it."""
+POINTS_PER_EPOCH = 50
 EVAL_BATCH_SIZE = 1000
 GradSync = Callable[[nn.Module, int], int]
 """(model, examples in this rank's share) -> examples in the global batch, after making the grads global."""
@@ -136,10 +150,35 @@ class OptimizerRun:
     epoch_seconds: float = 0.0
     steps: int = 0
     diverged: bool = False
+    curve: list[tuple[int, float, float]] = field(default_factory=list)
+    """(steps done, wall time in s, mean training loss over the steps since the previous point)."""
+    window_loss_sum: float = 0.0
+    window_steps: int = 0
+    last_loss: float = math.nan
 
     @property
     def epochs_done(self) -> int:
         return len(self.history)
+
+    def seconds_before_this_epoch(self) -> float:
+        return float(sum(record["wall_time_s"] for record in self.history))
+
+
+def curve_interval(steps_per_epoch: int) -> int:
+    """Steps between two points of the training-loss curve: about `POINTS_PER_EPOCH` points an epoch."""
+    return max(1, steps_per_epoch // POINTS_PER_EPOCH)
+
+
+def record_curve_point(run: OptimizerRun, *, interval: int, epoch_end: bool, wall_time_s: float) -> bool:
+    """Add the step just taken (`run.last_loss`) to the open window; close it as a point when it is full or the
+    epoch ends. Returns whether a point was added."""
+    run.window_loss_sum += run.last_loss
+    run.window_steps += 1
+    if not epoch_end and run.batch_in_epoch % interval:
+        return False
+    run.curve.append((run.steps, wall_time_s, run.window_loss_sum / run.window_steps))
+    run.window_loss_sum, run.window_steps = 0.0, 0
+    return True
 
 
 def epoch_order(seed: int, epoch: int, size: int) -> torch.Tensor:
@@ -234,6 +273,7 @@ def train_epoch(
     """
     for batch_index, images, labels in batches:
         loss = train_step(run, images, labels, hessian_every=hessian_every, sync_grads=sync_grads)
+        run.last_loss = loss
         run.batch_in_epoch = batch_index + 1
         run.loss_sum += loss * len(labels)
         run.examples_seen += len(labels)
@@ -286,26 +326,76 @@ def save_checkpoint(run: OptimizerRun, path: Path, config: RunConfig) -> None:
         "epoch_seconds": run.epoch_seconds,
         "steps": run.steps,
         "diverged": run.diverged,
+        "curve": run.curve,
+        "window_loss_sum": run.window_loss_sum,
+        "window_steps": run.window_steps,
     }
     partial = path.with_suffix(".pt.part")
     torch.save(payload, partial)
     partial.replace(path)
 
 
-def load_checkpoint(run: OptimizerRun, path: Path, config: RunConfig) -> None:
-    """Restore `run` from `path`; raises `CheckpointError` naming the file if it is corrupt or from another run."""
-    advice = f"delete {path} to restart {run.name} from scratch (or use a new --out)"
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError("not an adaptopt checkpoint of format 1")
-    except Exception as error:  # torch.load raises many types (zip, pickle, EOF) for a damaged file
-        raise CheckpointError(f"{path}: corrupt or unreadable checkpoint ({error}); {advice}") from None
-    if payload["config"] != config.to_json() or payload.get("name") != run.name:
+class ScheduleSizedToTheRun(CheckpointError):
+    """A longer `--epochs` for an optimizer whose schedule was sized to the saved run's length."""
+
+    def __init__(self, path: Path, name: str, saved: dict[str, Any]) -> None:
+        super().__init__(f"{path}: {name}'s schedule is sized to the run's length")
+        self.path, self.name, self.saved = path, name, saved
+
+
+def _run_settings(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """What must not change for `name` to continue from a checkpoint: all of the config but the number of
+    epochs, and of the hyper-parameters only `name`'s."""
+    settings = {key: value for key, value in config.items() if key not in ("epochs", "hyperparameters")}
+    hyperparameters = config.get("hyperparameters")
+    settings["hyperparameters"] = hyperparameters.get(name) if isinstance(hyperparameters, dict) else None
+    return settings
+
+
+def _check_continuable(path: Path, name: str, saved: Any, epochs_done: int, config: RunConfig) -> None:
+    """Raise `CheckpointError` unless the checkpoint of `name` (config `saved`, `epochs_done` epochs) can go on
+    under `config`: the same settings, and at least as many epochs as it has done."""
+    advice = f"delete {path} to restart {name} from scratch (or use a new --out)"
+    current = config.to_json()
+    if not isinstance(saved, dict) or _run_settings(saved, name) != _run_settings(current, name):
+        if isinstance(saved, dict) and saved.get("epochs") != config.epochs and name in SIZED_TO_THE_RUN:
+            # Refused as sized only if the saved schedule's own values are the whole difference.
+            saved_schedule = {
+                key: value
+                for key, value in (saved.get("hyperparameters", {}).get(name) or {}).items()
+                if key in SIZED_TO_THE_RUN[name]
+            }
+            on_saved_schedule = {**current["hyperparameters"][name], **saved_schedule}
+            with_saved_schedule = {**current, "hyperparameters": {name: on_saved_schedule}}
+            if _run_settings(with_saved_schedule, name) == _run_settings(saved, name):
+                raise ScheduleSizedToTheRun(path, name, saved_schedule)
         raise CheckpointError(
             f"{path}: made with a different configuration than this command's; rerun with the original options, "
             f"or {advice}"
         )
+    if epochs_done > config.epochs:
+        raise CheckpointError(
+            f"{path}: {name} has already trained {epochs_done} epochs, more than --epochs {config.epochs}; "
+            f"pass --epochs {epochs_done} or more to continue it, or {advice}"
+        )
+
+
+def load_checkpoint(run: OptimizerRun, path: Path, config: RunConfig) -> None:
+    """Restore `run` from `path`; raises `CheckpointError` naming the file if it is corrupt or from another run
+    (`ScheduleSizedToTheRun` if only `--epochs` changed and `run`'s schedule depends on it)."""
+    advice = f"delete {path} to restart {run.name} from scratch (or use a new --out)"
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(payload, dict) or payload.get("format") not in READABLE_CHECKPOINT_FORMATS:
+            raise ValueError(
+                f"not an adaptopt checkpoint of format {' or '.join(map(str, READABLE_CHECKPOINT_FORMATS))}"
+            )
+    except Exception as error:  # torch.load raises many types (zip, pickle, EOF) for a damaged file
+        raise CheckpointError(f"{path}: corrupt or unreadable checkpoint ({error}); {advice}") from None
+    if payload.get("name") != run.name:
+        raise CheckpointError(f"{path}: a checkpoint of {payload.get('name')!r}, not of {run.name}; {advice}")
+    history = payload.get("history")
+    _check_continuable(path, run.name, payload.get("config"), len(history) if isinstance(history, list) else 0, config)
     try:
         run.model.load_state_dict(payload["model"])
         run.optimizer.load_state_dict(payload["optimizer"])
@@ -318,6 +408,9 @@ def load_checkpoint(run: OptimizerRun, path: Path, config: RunConfig) -> None:
         run.epoch_seconds = float(payload["epoch_seconds"])
         run.steps = int(payload["steps"])
         run.diverged = bool(payload["diverged"])
+        run.curve = [(int(step), float(seconds), float(loss)) for step, seconds, loss in payload.get("curve", [])]
+        run.window_loss_sum = float(payload.get("window_loss_sum", 0.0))
+        run.window_steps = int(payload.get("window_steps", 0))
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{path}: corrupt checkpoint ({error}); {advice}") from None
 
@@ -362,11 +455,53 @@ def make_run(name: str, hyperparameters: dict[str, Any], weights: dict[str, torc
     return OptimizerRun(name, model, optimizer, sampler, hyperparameters)
 
 
+def current_learning_rate(optimizer: torch.optim.Optimizer) -> float | None:
+    """The learning rate of the step just taken, first param group: an adaptopt optimizer's scheduled rate
+    (`learning_rate`), else the group's `lr`; None if there is no float `lr`."""
+    group = optimizer.param_groups[0]
+    learning_rate = getattr(optimizer, "learning_rate", None)
+    state = optimizer.state.get(group["params"][0]) if group["params"] else None
+    if callable(learning_rate) and state and "step" in state:
+        return float(learning_rate(state, group))
+    lr = group.get("lr")
+    return float(lr) if isinstance(lr, (int, float)) else None
+
+
 def _progress(total: int, initial: int, description: str) -> Any:
+    """One optimizer's epoch as a tqdm bar, on a terminal only (logs get the per-epoch lines)."""
     from tqdm import tqdm
 
     show = sys.stdout.isatty() and _is_rank_zero()
-    return tqdm(total=total, initial=initial, desc=description, leave=False, disable=not show)
+    return tqdm(total=total, initial=initial, desc=description, leave=False, disable=not show, unit="step")
+
+
+class ScalarLog:
+    """Where the comparison sends its scalars as they happen (`--tensorboard`); this one drops them."""
+
+    def start(self, name: str, steps_done: int) -> None:
+        """`name` begins or resumes training after `steps_done` steps."""
+
+    def train_step(self, name: str, step: int, loss: float, learning_rate: float | None) -> None:
+        """The loss of step `step` (1-based) and the learning rate it was taken with."""
+
+    def test(self, name: str, step: int, loss: float, accuracy: float) -> None:
+        """The test loss and accuracy after `step` steps (an epoch's end)."""
+
+    def close(self) -> None:
+        """Flush everything written."""
+
+
+def _refuse_sized_schedules(refused: list[ScheduleSizedToTheRun], epochs: int) -> ConfigError:
+    """One error for every optimizer that a longer --epochs would put on another schedule."""
+    names = ", ".join(error.name for error in refused)
+    pins = " ".join(f"--set {error.name}.{key}={value!r}" for error in refused for key, value in error.saved.items())
+    return ConfigError(
+        f"--epochs {epochs} cannot extend {names}: the saved run sized their schedules from its own length "
+        f"(warm-ups over a share of all steps, decays to its last step), so a longer run would have taken their "
+        f"steps so far on another schedule. To continue them on the saved schedules, add {pins}; to train them "
+        f"on one sized to the new length, delete {', '.join(str(error.path) for error in refused)} (or use a "
+        "new --out)"
+    )
 
 
 def run_comparison(
@@ -381,6 +516,7 @@ def run_comparison(
     on_step: Callable[[OptimizerRun], None] | None = None,
     on_epoch: Callable[[list[OptimizerRun]], object] | None = None,
     log: Callable[[str], None] = print,
+    scalars: ScalarLog | None = None,
 ) -> list[OptimizerRun]:
     """Train every optimizer of `config` in turn; returns their runs, histories filled in.
 
@@ -391,7 +527,8 @@ def run_comparison(
     Inside a process group (`adaptopt.distributed.launch`) every rank calls this with the same arguments
     and trains on its share of each batch; only rank 0 evaluates, logs, saves checkpoints and calls
     `on_epoch` (the other ranks' histories hold the training loss only). A checkpoint holds no rank's
-    own state, so a run can be resumed with any number of ranks.
+    own state, so a run can be resumed with any number of ranks. `scalars` gets every step's loss and
+    learning rate and every epoch's test figures, on rank 0.
     """
     rank_zero = _is_rank_zero()
     sync_grads = sync_over_ranks if world_size() > 1 else no_sync
@@ -409,26 +546,44 @@ def run_comparison(
             "or --overwrite to start again"
         )
     runs: list[OptimizerRun] = []
+    refused: list[ScheduleSizedToTheRun] = []
     for name in config.optimizers:
         run = make_run(name, config.hyperparameters[name], weights, config.seed)
         path = _checkpoint_path(out_dir, name)
         if resume and path.exists():
-            load_checkpoint(run, path, config)
+            try:
+                load_checkpoint(run, path, config)
+            except ScheduleSizedToTheRun as error:
+                refused.append(error)
         run.model.to(device)
         runs.append(run)
+    if refused:
+        raise _refuse_sized_schedules(refused, config.epochs)
+    scalars = scalars if scalars is not None and rank_zero else ScalarLog()
+    interval = curve_interval(steps_per_epoch)
 
     with _stop_on_sigint(stop):
         for run in runs:
             path = _checkpoint_path(out_dir, run.name)
+            if run.epochs_done < config.epochs and not run.diverged:
+                scalars.start(run.name, run.steps)
             while run.epochs_done < config.epochs and not run.diverged:
                 epoch = run.epochs_done
                 started = time.perf_counter() - run.epoch_seconds
+                earlier_epochs_s = run.seconds_before_this_epoch()
                 order = epoch_order(config.seed, epoch, len(train_labels)).to(device)
                 batches = iterate_batches(train_images, train_labels, order, config.batch_size, run.batch_in_epoch)
                 bar = _progress(steps_per_epoch, run.batch_in_epoch, f"{run.name} {epoch + 1}/{config.epochs}")
 
-                def step_done(run: OptimizerRun, bar: Any = bar) -> None:
+                def step_done(
+                    run: OptimizerRun, bar: Any = bar, started: float = started, before: float = earlier_epochs_s
+                ) -> None:
+                    epoch_end = run.batch_in_epoch == steps_per_epoch
+                    seconds = before + time.perf_counter() - started
+                    if record_curve_point(run, interval=interval, epoch_end=epoch_end, wall_time_s=seconds):
+                        bar.set_postfix(loss=f"{run.curve[-1][2]:.4f}", refresh=False)
                     bar.update(1)
+                    scalars.train_step(run.name, run.steps, run.last_loss, current_learning_rate(run.optimizer))
                     if on_step is not None:
                         on_step(run)
 
@@ -469,6 +624,7 @@ def run_comparison(
                 run.batch_in_epoch, run.loss_sum, run.examples_seen, run.epoch_seconds = 0, 0.0, 0, 0.0
                 if not rank_zero:
                     continue
+                scalars.test(run.name, run.steps, test_loss, test_accuracy)
                 save_checkpoint(run, path, config)
                 record = run.history[-1]
                 log(
