@@ -30,4 +30,4 @@ fi
 # 8000 training images x 2 epochs, the full test set every epoch, one thread: measured in docs/experiments.md.
 .venv/bin/adaptopt mnist --limit-train 8000 --epochs 2 --batch-size 128 --threads 1 --out "$out" --overwrite "$@"
 echo
-echo "Open $out/loss.png and $out/accuracy.png for the curves; $out/results.md has the table."
+echo "Open $out/loss.png, $out/loss_by_time.png and $out/accuracy.png for the curves; $out/results.md has the table."

@@ -87,7 +87,8 @@ def test_outputs_schema_table_and_plots(data_dir: Path, tmp_path: Path, capsys: 
         curve = result["curve"]
         assert curve["step"] == list(range(1, 2 * STEPS_PER_EPOCH + 1)), name
         assert all(b >= a > 0 for a, b in zip(curve["wall_time_s"], curve["wall_time_s"][1:], strict=False)), name
-        assert curve["wall_time_s"][-1] <= sum(epoch["wall_time_s"] for epoch in result["epochs"])
+        # Training time: the evaluations are left out, so less than the epochs' times, which include them.
+        assert curve["wall_time_s"][-1] < sum(epoch["wall_time_s"] for epoch in result["epochs"])
         # The epoch's training loss is the mean over its examples of these batch losses (equal batches).
         for epoch in result["epochs"]:
             in_epoch = curve["train_loss"][epoch["steps"] - STEPS_PER_EPOCH : epoch["steps"]]

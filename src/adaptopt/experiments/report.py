@@ -262,8 +262,9 @@ def write_plots(out_dir: Path, document: dict[str, Any], *, title: str) -> list[
     accuracy_axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     for axis in (train_axis, test_axis, time_axis, accuracy_axis):
         axis.grid(True, which="both", alpha=0.3)
-    for axis in (test_axis, time_axis, accuracy_axis):
-        axis.legend(fontsize="small", ncol=2 if len(results) > 8 else 1)
+    # One legend per figure, beside the axes: over them, seventeen names hide the curves.
+    for figure, axis in ((loss_figure, train_axis), (time_figure, time_axis), (accuracy_figure, accuracy_axis)):
+        figure.legend(*axis.get_legend_handles_labels(), loc="outside right upper", fontsize="small")
     return [
         save_figure(loss_figure, out_dir / "loss.png"),
         save_figure(time_figure, out_dir / "loss_by_time.png"),

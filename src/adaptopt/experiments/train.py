@@ -154,14 +154,13 @@ class OptimizerRun:
     """(steps done, wall time in s, mean training loss over the steps since the previous point)."""
     window_loss_sum: float = 0.0
     window_steps: int = 0
+    training_seconds: float = 0.0
+    """Seconds spent training in the finished epochs, evaluation left out: the curve's clock."""
     last_loss: float = math.nan
 
     @property
     def epochs_done(self) -> int:
         return len(self.history)
-
-    def seconds_before_this_epoch(self) -> float:
-        return float(sum(record["wall_time_s"] for record in self.history))
 
 
 def curve_interval(steps_per_epoch: int) -> int:
@@ -329,6 +328,7 @@ def save_checkpoint(run: OptimizerRun, path: Path, config: RunConfig) -> None:
         "curve": run.curve,
         "window_loss_sum": run.window_loss_sum,
         "window_steps": run.window_steps,
+        "training_seconds": run.training_seconds,
     }
     partial = path.with_suffix(".pt.part")
     torch.save(payload, partial)
@@ -411,6 +411,10 @@ def load_checkpoint(run: OptimizerRun, path: Path, config: RunConfig) -> None:
         run.curve = [(int(step), float(seconds), float(loss)) for step, seconds, loss in payload.get("curve", [])]
         run.window_loss_sum = float(payload.get("window_loss_sum", 0.0))
         run.window_steps = int(payload.get("window_steps", 0))
+        # Format 1 did not keep it: its epochs' times, evaluation included, are the nearest there is.
+        run.training_seconds = float(
+            payload.get("training_seconds", sum(record["wall_time_s"] for record in run.history))
+        )
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{path}: corrupt checkpoint ({error}); {advice}") from None
 
@@ -570,19 +574,17 @@ def run_comparison(
             while run.epochs_done < config.epochs and not run.diverged:
                 epoch = run.epochs_done
                 started = time.perf_counter() - run.epoch_seconds
-                earlier_epochs_s = run.seconds_before_this_epoch()
                 order = epoch_order(config.seed, epoch, len(train_labels)).to(device)
                 batches = iterate_batches(train_images, train_labels, order, config.batch_size, run.batch_in_epoch)
                 bar = _progress(steps_per_epoch, run.batch_in_epoch, f"{run.name} {epoch + 1}/{config.epochs}")
 
-                def step_done(
-                    run: OptimizerRun, bar: Any = bar, started: float = started, before: float = earlier_epochs_s
-                ) -> None:
+                def step_done(run: OptimizerRun, bar: Any = bar, started: float = started) -> None:
                     epoch_end = run.batch_in_epoch == steps_per_epoch
-                    seconds = before + time.perf_counter() - started
-                    if record_curve_point(run, interval=interval, epoch_end=epoch_end, wall_time_s=seconds):
-                        bar.set_postfix(loss=f"{run.curve[-1][2]:.4f}", refresh=False)
+                    seconds = run.training_seconds + time.perf_counter() - started
                     bar.update(1)
+                    if record_curve_point(run, interval=interval, epoch_end=epoch_end, wall_time_s=seconds):
+                        # Redrawn at every point (about 50 an epoch), whatever tqdm's own rate limit says.
+                        bar.set_postfix(loss=f"{run.curve[-1][2]:.4f}")
                     scalars.train_step(run.name, run.steps, run.last_loss, current_learning_rate(run.optimizer))
                     if on_step is not None:
                         on_step(run)
@@ -606,6 +608,7 @@ def run_comparison(
                         f"stopped {run.name} in epoch {epoch + 1} at batch {run.batch_in_epoch}/{steps_per_epoch}; "
                         f"checkpoint saved in {path.parent}"
                     )
+                run.training_seconds += time.perf_counter() - started
                 set_mode(run.optimizer, training=False)  # every rank: the params stay the same everywhere
                 test_loss, test_accuracy = (
                     evaluate(run.model, test_images, test_labels) if rank_zero else (math.nan, math.nan)
