@@ -19,7 +19,11 @@ $$\theta \leftarrow \theta - \delta_t \frac{m}{\sqrt{v} + d_{t+1} \epsilon}$$
 ($\beta_3 = \sqrt{\beta_2}$ by default; `safeguard_warmup` uses $\rho d_t$ instead of $\rho\delta_t$ in $s$).
 The sums are the base's optimizer-wide first pass (`reduces`): $d$ is shared by all groups, and like the
 official code every group takes the first group's $\beta$s, $d$ and bias correction, and all rates must be
-equal or 0. If no gradient moved $s$ (its sum is 0) the step changes nothing more.
+equal or 0. The first pass only sums (it reads $g$, $\theta$, $\theta_0$ and $s$ and writes nothing); the
+update stores $s$ and the moments, computed by the same formulas with the same $d_t$, as it moves the params.
+If no gradient moved $s$ (the sum of the new $s$ is 0) the step changes nothing. prodigyopt has decayed the
+moments by then, which differs only if $s$ is 0 while $m$ or $v$ is not: $s$ underflowing to 0 first, which
+takes a $\beta_3$ below $\beta_1$ and thousands of steps of zero gradients.
 
 Verified against the official `prodigyopt` package (1.1.2, `Prodigy`), whose argument names, defaults and
 group keys (`d`, `d0`, `d_max`, `d_numerator`, `d_denom`, `d_hat`, `k`) we take. `weight_decay=w` (a float)
@@ -69,6 +73,7 @@ class Prodigy(GenericAdaptiveOptimizer):
         "d_hat": 0.0,
         "k": 0,
         "dlr": 0.0,
+        "d_step": None,
     }
 
     def __init__(
@@ -130,7 +135,8 @@ class Prodigy(GenericAdaptiveOptimizer):
         k = first["k"]
         correction = math.sqrt(1 - beta2 ** (k + 1)) / (1 - beta1 ** (k + 1)) if first["use_bias_correction"] else 1.0
         for group in self.param_groups:
-            group["dlr"] = first["d"] * lr * correction
+            # d_step: the d this step's moments and s are updated with, before end_reduction grows d.
+            group["dlr"], group["d_step"] = first["d"] * lr * correction, first["d"]
 
     def learning_rate(self, state: State, group: Group) -> float:
         return float(self.param_groups[0]["dlr"])
@@ -139,12 +145,14 @@ class Prodigy(GenericAdaptiveOptimizer):
         first = self.param_groups[0]
         beta1, beta2 = first["betas"]
         d, dlr = first["d"], first["dlr"]
-        ratio = d / group["d0"]
+        # The moments, s and the numerator take the d of the step before (d_step); the update's eps the new d.
+        d_step = d if first["d_step"] is None else first["d_step"]
+        ratio = d_step / group["d0"]
         return {
             "lr": dlr,
-            "exp_avg_rate": d * (1 - beta1),
-            "exp_avg_sq_rate": d * d * (1 - beta2),
-            "s_rate": ratio * d if group["safeguard_warmup"] else ratio * dlr,
+            "exp_avg_rate": d_step * (1 - beta1),
+            "exp_avg_sq_rate": d_step * d_step * (1 - beta2),
+            "s_rate": ratio * d_step if group["safeguard_warmup"] else ratio * dlr,
             "numerator_rate": ratio * dlr,
             "d_eps": d * group["eps"],
             "d_lr": dlr * d,
@@ -164,7 +172,7 @@ class Prodigy(GenericAdaptiveOptimizer):
             return {}
         if not group["decoupled_weight_decay"]:
             grad = apply_weight_decay(param, grad, group, scalars["lr"])
-        beta1, beta2, beta3 = scalars["beta1"], scalars["beta2"], scalars["beta3"]
+        beta3 = scalars["beta3"]
         slice_p = group["slice_p"]
         sliced_grad = grad.flatten()[::slice_p] if slice_p > 1 else grad
         sliced_param = param.flatten()[::slice_p] if slice_p > 1 else param
@@ -180,11 +188,12 @@ class Prodigy(GenericAdaptiveOptimizer):
             else (wide_grad * wide_distance).sum()
         )
         numerator = replicated(inner) * scalars["numerator_rate"]
-        if scalars["keeps_exp_avg"]:
-            state["exp_avg"].mul_(beta1).add_(grad, alpha=scalars["exp_avg_rate"])
-        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=scalars["exp_avg_sq_rate"])
-        s = state["s"].mul_(beta3).add_(sliced_grad, alpha=scalars["s_rate"])
-        return {"numerator": numerator, "denominator": s.to(torch.float64).abs().sum()}
+        # The sum of the new s, which the update stores (it reads the grad anyway): so this pass writes nothing
+        # and reads four tensors, and the moments are updated in the update's pass too (12 passes in all, not 15).
+        # In place on a clone, as the update stores it: torch.compile hands the alpha of an out-of-place add to
+        # the kernel in single precision (as it does sub_'s), and the sum must be of the values stored.
+        new_s = state["s"].clone().mul_(beta3).add_(sliced_grad, alpha=scalars["s_rate"])
+        return {"numerator": numerator, "denominator": new_s.to(torch.float64).abs().sum()}
 
     def end_reduction(self, totals: dict[str, float]) -> bool:
         first = self.param_groups[0]
@@ -215,8 +224,15 @@ class Prodigy(GenericAdaptiveOptimizer):
         group["k"] += 1
 
     def step_param(self, state: State, group: Group, grad: torch.Tensor, param: torch.Tensor, scalars: Scalars) -> None:
-        # The moments were updated by the first pass, with the d of the step before; the rate is that d's too,
-        # the eps the new d's.
+        # With the d of the step before (the first pass summed s's new value from the same formula); the rate
+        # is that d's too, the eps the new d's. A group with lr 0 adds nothing to the estimate and keeps its
+        # state, as in prodigyopt.
+        if scalars["estimates"]:
+            if scalars["keeps_exp_avg"]:
+                state["exp_avg"].mul_(scalars["beta1"]).add_(grad, alpha=scalars["exp_avg_rate"])
+            state["exp_avg_sq"].mul_(scalars["beta2"]).addcmul_(grad, grad, value=scalars["exp_avg_sq_rate"])
+            sliced_grad = grad.flatten()[:: group["slice_p"]] if group["slice_p"] > 1 else grad
+            state["s"].mul_(scalars["beta3"]).add_(sliced_grad, alpha=scalars["s_rate"])
         denominator = state["exp_avg_sq"].sqrt().add_(scalars["d_eps"])
         if group["betas"][0] > 0:
             param.addcdiv_(state["exp_avg"], denominator, value=-scalars["lr"])
