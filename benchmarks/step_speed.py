@@ -211,8 +211,8 @@ class Contender:
         for _ in range(3):
             self.timed_step()
         # adaptopt's auto path compiles a bucket after AUTO_COMPILE_WORK element-updates: get there for the
-        # largest bucket of each optimizer (MuonWithAdamW has two), and time the steps that compile. A much
-        # smaller bucket (a few biases) would take tens of thousands of steps to get there, and stays eager,
+        # single largest bucket (over both of MuonWithAdamW's parts), and time the steps that compile. A much
+        # smaller bucket (AdamW's biases) would take tens of thousands of steps to get there: it stays eager,
         # as in a real run of that length.
         parts = (
             [self.optimizer.muon, self.optimizer.adamw]
@@ -220,8 +220,9 @@ class Contender:
             else [self.optimizer]
         )
         auto = [part for part in parts if getattr(part, "_buckets", None) is not None and part._buckets.mode == "auto"]
-        largest = [max(execution.buckets(part), key=lambda b: b.numel) for part in auto if execution.buckets(part)]
-        pending = [b for b in largest if b.compiled is None and not b.compile_failed]
+        every = [bucket for part in auto for bucket in execution.buckets(part)]
+        pending = [max(every, key=lambda b: b.numel)] if every else []
+        pending = [b for b in pending if b.compiled is None and not b.compile_failed]
         if pending:
             numel = min(b.numel for b in pending)
             for _ in range(math.ceil(execution.AUTO_COMPILE_WORK / numel) + 1):
