@@ -159,6 +159,8 @@ ONLY_IN: dict[str, set[str]] = {
 }
 """Contenders that only make sense where there are matrices (elsewhere their cell is empty)."""
 KEEPS_GRADS = {"ours Adam, zero_grad(set_to_none=False)"}
+WARM_UP_STEPS = 3000
+"""At most this many warm-up steps: about six epochs of MNIST at batch 128, as long as a short run."""
 
 
 class ParamBank(nn.Module):
@@ -211,9 +213,10 @@ class Contender:
         for _ in range(3):
             self.timed_step()
         # adaptopt's auto path compiles a bucket after AUTO_COMPILE_WORK element-updates: get there for the
-        # single largest bucket (over both of MuonWithAdamW's parts), and time the steps that compile. A much
-        # smaller bucket (AdamW's biases) would take tens of thousands of steps to get there: it stays eager,
-        # as in a real run of that length.
+        # single largest bucket (over both of MuonWithAdamW's parts), and time the steps that compile, within
+        # WARM_UP_STEPS. A much smaller bucket (AdamW's biases, or each of Adafactor's 200 vectors of 10k, a
+        # bucket apiece) would take tens of thousands of steps to get there: it stays eager, as in a real run
+        # of that length.
         parts = (
             [self.optimizer.muon, self.optimizer.adamw]
             if isinstance(self.optimizer, adaptopt.MuonWithAdamW)
@@ -225,7 +228,7 @@ class Contender:
         pending = [b for b in pending if b.compiled is None and not b.compile_failed]
         if pending:
             numel = min(b.numel for b in pending)
-            for _ in range(math.ceil(execution.AUTO_COMPILE_WORK / numel) + 1):
+            for _ in range(min(WARM_UP_STEPS, math.ceil(execution.AUTO_COMPILE_WORK / numel) + 1)):
                 was = [b.compiled for b in pending]
                 seconds = self.timed_step()
                 if any(b.compiled is not None and old is None for b, old in zip(pending, was, strict=True)):
