@@ -241,6 +241,9 @@ def test_plot_redraws_a_run_from_results_json_of_either_schema(
     (old_dir / "results.json").write_text(json.dumps({**old, "schema_version": 99}))
     assert cli.main(["plot", str(old_dir)]) == 1
     assert f"{old_dir / 'results.json'}: schema version 99" in capsys.readouterr().err
+    (old_dir / "results.json").write_text(json.dumps({**old, "dataset": {"name": "mnist"}}))
+    assert cli.main(["plot", str(old_dir)]) == 1
+    assert "not a readable results.json ('dataset.title')" in capsys.readouterr().err
     (old_dir / "results.json").write_text("{not json")
     assert cli.main(["plot", str(old_dir)]) == 1
     error = capsys.readouterr().err

@@ -99,8 +99,12 @@ def read_results(path: Path) -> dict[str, Any]:
         document: dict[str, Any] = json.loads(path.read_text())
         version = document["schema_version"]
         optimizers = document["optimizers"]
-        if not isinstance(optimizers, dict):
-            raise TypeError("its 'optimizers' is not an object")
+        if not isinstance(optimizers, dict) or not isinstance(document["config"], dict):
+            raise TypeError("its 'optimizers' or 'config' is not an object")
+        # What results.md's heading reads: a file without them would fail there, with a traceback.
+        missing = [key for key in ("title", "sha256", "train_size", "test_size") if key not in document["dataset"]]
+        if missing:
+            raise KeyError(f"dataset.{missing[0]}")
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ResultsError(
             f"{path}: not a readable results.json ({error}); rerun the comparison to rewrite it"
