@@ -46,26 +46,54 @@ What an optimizer may assume is declared on its class, never guessed:
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from copy import deepcopy
-from typing import Any, ClassVar, TypeAlias, TypedDict
+from typing import Any, ClassVar, NamedTuple, TypeAlias, TypedDict, cast
 
 import torch
+import torch.nn.functional as F
 from torch.optim import Optimizer
 
 from .execution import BucketedExecution
 from .functional import TensorExtents
+from .quantization import (
+    DEFAULT_BLOCK_SIZES,
+    QUANTIZED_STATE_KEYS,
+    STATE_SIGNEDNESS,
+    Bits,
+    MapSign,
+    QuantizedTensor,
+    quantize,
+    select_map,
+)
 from .validation import validate_checks, validate_group
 from .weight_decay import WeightDecay, apply_weight_decay
 
-__all__ = ["KINDS", "CommonOptions", "GenericAdaptiveOptimizer", "Group", "ParamsT", "Scalars", "State", "as_real"]
+__all__ = [
+    "KINDS",
+    "LOW_BIT_MIN_NUMEL",
+    "LOW_BIT_STATES",
+    "CommonOptions",
+    "GenericAdaptiveOptimizer",
+    "Group",
+    "ParamsT",
+    "Scalars",
+    "State",
+    "StateConversionWarning",
+    "as_real",
+]
 
 KINDS = ("per_param", "elementwise", "tensorwise", "matrixwise")
 """What `step_param` may be run on: one whole parameter at a time; any slice of a bucket of parameters; or a
 stretch of a bucket holding whole params, with per-param sums taken through `scalars["extents"]`
 (`functional.TensorExtents`); or a stack of params of one shape, with a leading dim (`scalars["batch_dims"]`
 is then 1), for math over matrices."""
+
+LOW_BIT_MIN_NUMEL = 4096
+"""The default `low_bit_min_numel`: bitsandbytes' `min_8bit_size` and torchao's `min_quant_size`."""
 
 ParamsT: TypeAlias = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 State: TypeAlias = dict[str, Any]
@@ -79,9 +107,14 @@ class CommonOptions(TypedDict, total=False):
     * `maximize`: ascend the objective instead of descending it (torch.optim's flag).
     * `master_weights`: step fp16/bf16 params through fp32 master copies kept in the state (the params are
       re-derived from them after every step), with fp32 optimizer state; no effect on fp32/fp64 params.
-    * `state_dtype`: the dtype the optimizer's state tensors are stored in (`torch.float32` or
-      `torch.bfloat16`); the math still runs in fp32 (or the param's dtype, if wider). Copies of the
-      weights in the state (`weight_like_state`: Schedule-Free's `z`, Prodigy's `p0`) keep that precision.
+    * `state_dtype`: how the optimizer's state is stored between steps: `torch.float32` or `torch.bfloat16`
+      (a dtype), or `"8bit"` / `"4bit"` (block-wise quantized moments, `quantization.py`; the rule for which
+      state is quantized is in the section "Low-bit state" of `GenericAdaptiveOptimizer`'s docstring and in
+      docs/low-bit.md). The math still runs in fp32 (or the param's dtype, if wider). Copies of the weights
+      in the state (`weight_like_state`: Schedule-Free's `z`, Prodigy's `p0`) keep that precision.
+    * `low_bit_min_numel`: with `state_dtype="8bit"` or `"4bit"`, state tensors with fewer elements than
+      this stay unquantized (default 4096, bitsandbytes' `min_8bit_size` and torchao's `min_quant_size`:
+      biases and norms are a small part of the memory, and rounding them saves little for the error).
     * `execution`: how `step` runs the math (see `execution.py` and docs/performance.md): `"reference"`, a
       plain loop over params; `"bucketed"`, once per contiguous bucket of params; `"compiled"`, the
       bucketed update under `torch.compile`; `"auto"` (the default), the fastest of these that applies.
@@ -90,14 +123,38 @@ class CommonOptions(TypedDict, total=False):
     maximize: bool
     master_weights: bool
     state_dtype: torch.dtype | str | None
+    low_bit_min_numel: int
     execution: str
 
 
 class GenericAdaptiveOptimizer(Optimizer):
-    """Base class of every adaptopt optimizer; see the module docstring for the division of labour.
+    r"""Base class of every adaptopt optimizer; see the module docstring for the division of labour.
 
     Subclasses call `super().__init__(params, defaults, weight_decay=..., maximize=...)` with their
     hyper-parameters in `defaults` (including `lr`), and implement `init_state` and `step_param`.
+
+    **Low-bit state** (`state_dtype="8bit"` or `"4bit"`; Dettmers et al., *8-bit Optimizers via Block-wise
+    Quantization*, ICLR 2022; Li et al., *Memory Efficient Optimizers with 4-bit States*, NeurIPS 2023). A state
+    entry is stored as a `quantization.QuantizedTensor` (8 bits in blocks of 256, or 4 bits in blocks of 128)
+    exactly when all of these hold, a rule of the base that no optimizer restates:
+
+    1. it is a floating tensor of the param's (real) shape: a per-element moment. Factored moments (Adafactor's
+       `row_var`/`col_var`), scalars, Prodigy's strided `s` under `slice_p > 1` and the step counter are not;
+    2. it is not a copy of the weights (`weight_like_state`: Schedule-Free's `z`, Prodigy's `p0`), nor the
+       master weight, whose rounding would round the params themselves;
+    3. it has at least `low_bit_min_numel` elements (default 4096), and at least one;
+    4. its name has a code book in `quantization.STATE_SIGNEDNESS` (signed for EMAs of the gradient, unsigned
+       for EMAs and maxima of squares, chosen by `quantization.select_map`). Muon's `momentum_buffer` is
+       there: it is an EMA of the gradient like Adam's $m_t$, and Newton-Schulz runs on its decoded fp32
+       values. A param-shaped entry of unknown sign (a subclass's) stays unquantized, with a warning once.
+
+    Everything else stays in the working precision: fp32, or the param's dtype if wider (float64 params keep
+    float64 state there, what `state_dtype=None` keeps). The quantized values decode to float32 (upcast exactly
+    for a float64 param). `step_param` never sees codes: every step decodes the group's quantized state to
+    working tensors, runs the whole step on them (Prodigy's and LAMB's first pass included) and encodes the
+    result once; an entry the step did not change keeps its codes (re-encoding decoded values is not the
+    identity). Outside a step, `state_for` hands quantized entries back decoded, and what the caller writes
+    into them (Sophia's `update_hessian`) is encoded at the end of the next step, or by `state_dict`.
     """
 
     kind: ClassVar[str] = "per_param"
@@ -146,6 +203,7 @@ class GenericAdaptiveOptimizer(Optimizer):
         maximize: bool = False,
         master_weights: bool = False,
         state_dtype: torch.dtype | str | None = None,
+        low_bit_min_numel: int = LOW_BIT_MIN_NUMEL,
         execution: str = "auto",
     ) -> None:
         policy = WeightDecay.coerce(weight_decay)
@@ -157,15 +215,22 @@ class GenericAdaptiveOptimizer(Optimizer):
                 "weight_decay_policy": False,
             }
         defaults = {**defaults, **decay, "maximize": maximize}
-        defaults.update(master_weights=master_weights, state_dtype=storage_dtype_name(state_dtype))
+        defaults.update(
+            master_weights=master_weights,
+            state_dtype=storage_dtype_name(state_dtype),
+            low_bit_min_numel=low_bit_min_numel,
+        )
         validate_group(defaults)
         validate_checks(self.own_checks, defaults)
         # Before super().__init__, which calls add_param_group.
         self._buckets = BucketedExecution.for_mode(self, execution)
+        self._init_low_bit_bookkeeping()
         super().__init__(params, defaults)
 
     def __getstate__(self) -> dict[str, Any]:
-        """torch's state (defaults, state, param groups) and the execution mode, for `copy` and `pickle`."""
+        """torch's state (defaults, state, param groups) and the execution mode, for `copy` and `pickle`;
+        low-bit state that a caller holds decoded (`state_for` outside a step) is encoded first."""
+        self._encode_decoded_state()
         state = super().__getstate__()
         state["execution"] = "reference" if self._buckets is None else self._buckets.mode
         return state
@@ -174,6 +239,7 @@ class GenericAdaptiveOptimizer(Optimizer):
         execution = state.pop("execution", "auto")
         super().__setstate__(state)
         self._buckets = BucketedExecution.for_mode(self, execution)
+        self._init_low_bit_bookkeeping()
 
     # ----------------------------------------------------------------------------------------------
     # Template methods
@@ -283,17 +349,24 @@ class GenericAdaptiveOptimizer(Optimizer):
                 loss = closure()
         if any(group.get("train_mode") is False for group in self.param_groups):
             raise RuntimeError(f"{type(self).__name__}.step() was called in eval mode; call optimizer.train() first")
-        if self._amp_found_inf():
-            return loss
-        if type(self).reduces and not self._reduce():
-            return loss
-        for group in self.param_groups:
-            # A policy put into a group after construction stands for its plain keys: ZeroRedundancyOptimizer
-            # copies the entries of its own groups into ours before every step, policies included.
-            if isinstance(group.get("weight_decay"), WeightDecay):
-                group.update(group["weight_decay"].group_defaults())
-            self.begin_group_step(group)
-            self._step_group(group)
+        self._stepping = True
+        try:
+            if self._amp_found_inf():
+                return loss
+            if type(self).reduces and not self._reduce():
+                return loss
+            for group in self.param_groups:
+                # A policy put into a group after construction stands for its plain keys: ZeroRedundancyOptimizer
+                # copies the entries of its own groups into ours before every step, policies included.
+                if isinstance(group.get("weight_decay"), WeightDecay):
+                    group.update(group["weight_decay"].group_defaults())
+                self.begin_group_step(group)
+                self._step_group(group)
+        finally:
+            self._stepping = False
+            # Low-bit state decoded by the first pass (or by a caller of `state_for`) that the update did not
+            # store again: params skipped after the first pass, a step the first pass called off, an error.
+            self._encode_decoded_state()
         return loss
 
     def _reduce(self) -> bool:
@@ -327,7 +400,10 @@ class GenericAdaptiveOptimizer(Optimizer):
             for param, grad in self.params_with_grad(params):
                 state = self.state_for(group, param)
                 if through_copies:
-                    self._through_working_copies(collect, state, group, as_real(grad), as_real(param))
+                    # Low-bit moments stay decoded until the update: one rounding a step, as for fp32 state.
+                    self._through_working_copies(
+                        collect, state, group, as_real(grad), as_real(param), keep_decoded=True
+                    )
                 else:
                     collect(state, group, as_real(grad), as_real(param))
         return self.end_reduction({name: float(value) for name, value in totals.items()})
@@ -348,12 +424,19 @@ class GenericAdaptiveOptimizer(Optimizer):
         return pairs
 
     def state_for(self, group: Group, param: torch.Tensor) -> State:
-        """The state of `param`, created on first use (as views into its bucket, when it has one)."""
+        """The state of `param`, created on first use (as views into its bucket, when it has one).
+
+        Called outside a step on a param with low-bit state, its quantized entries come back decoded to
+        working tensors; what is written into them is kept, and encoded at the end of the next step (or by
+        `state_dict`). Sophia's `update_hessian` relies on this.
+        """
         state: State = self.state[param]
         if not state:
             self.initialize_state(state, group, param)
             if self._buckets is not None:
                 self._buckets.adopt_state(param, state)
+        if not self._stepping and any(isinstance(value, QuantizedTensor) for value in state.values()):
+            self._decode_for_caller(state, group, as_real(param))
         return state
 
     def _step_group(self, group: Group) -> None:
@@ -425,8 +508,10 @@ class GenericAdaptiveOptimizer(Optimizer):
 
         By default `init_state` sees the param itself, so the state has the param's dtype (torch.optim's
         rule). With `master_weights` or `state_dtype` it sees the working tensor (the fp32 master, or the
-        param upcast to fp32) and the state is then cast to the storage dtype. `load_state_dict` calls this
-        on a meta-device param to learn the names, shapes and dtypes it must find in a checkpoint.
+        param upcast to fp32) and the state is then cast to the storage dtype; with `"8bit"`/`"4bit"` the
+        entries the low-bit rule picks (class docstring) are quantized and the others keep the working dtype.
+        `load_state_dict` calls this on a meta-device param to learn the names, shapes and dtypes (or code
+        formats) it must find in a checkpoint.
         """
         state["step"] = 0
         real = as_real(param)
@@ -440,11 +525,14 @@ class GenericAdaptiveOptimizer(Optimizer):
         else:
             working = real.detach().to(work_dtype)
         self.init_state(state, group, working)
-        storage = work_dtype if group["state_dtype"] is None else getattr(torch, group["state_dtype"])
+        quantized = self._low_bit_plan(group, real.shape, state)
+        storage = _unquantized_storage(group, work_dtype)
         for key, value in state.items():
             if key == MASTER_WEIGHT or key in self.weight_like_state:
                 continue
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
+            if key in quantized:
+                state[key] = _encode(value, *quantized[key], created=True)
+            elif isinstance(value, torch.Tensor) and value.is_floating_point():
                 state[key] = value.to(storage)
 
     def _through_working_copies(
@@ -454,35 +542,133 @@ class GenericAdaptiveOptimizer(Optimizer):
         group: Group,
         grad: torch.Tensor,
         param: torch.Tensor,
+        *,
+        keep_decoded: bool = False,
     ) -> None:
         """`action` (`_step_one`, or a first pass) on working copies, whose results are then written back.
 
         The math runs on the master weight (or on the param upcast to fp32) with the grad unscaled and cast
-        to its dtype, and on the state upcast from its storage dtype; the state is then rounded back into
-        its storage and the param re-derived from the master. `grad` and `param` are real (`as_real`).
+        to its dtype, and on the state upcast from its storage dtype or decoded from its codes; the state is
+        then rounded back into its storage (or encoded, by the group's low-bit rule as it is now) and the param
+        re-derived from the master. With `keep_decoded` (a first pass) decoded entries stay decoded in the
+        state until the update that follows stores them. `grad` and `param` are real (`as_real`). If `action`
+        raises, the state entries are put back as they were.
         """
         widened = group["master_weights"] or group["state_dtype"] is not None
         work_dtype = _working_dtype(param.dtype) if widened else param.dtype
         master = state.get(MASTER_WEIGHT)
         work_param = master if master is not None else param.to(work_dtype)
         work_grad = self._unscaled(grad).to(work_dtype)
+        decoded = self._decoded_entries(state, work_dtype)
         stored = {
             key: value
             for key, value in state.items()
             if key != MASTER_WEIGHT
+            and key not in decoded
             and isinstance(value, torch.Tensor)
             and value.is_floating_point()
             and value.dtype != work_dtype
         }
+        before = {key: state[key] for key in decoded}
         try:
             state.update({key: value.to(work_dtype) for key, value in stored.items()})
+            state.update({key: entry.tensor for key, entry in decoded.items()})
             action(state, group, work_grad, work_param)
+            plan = self._low_bit_plan(group, param.shape, state)
+            storage = _unquantized_storage(group, work_dtype)
+            written: State = {}
+            still_decoded: dict[str, _Decoded] = {}
+            for key, entry in decoded.items():
+                if key in plan and keep_decoded:
+                    written[key], still_decoded[key] = state[key], entry
+                elif key in plan:
+                    written[key] = _stored_codes(entry, state[key], plan[key])
+                else:  # the group no longer quantizes it (its state_dtype was changed)
+                    written[key] = state[key].to(storage)
             for key, value in stored.items():
-                value.copy_(state[key])
-        finally:
+                if key in plan:  # stored in another dtype before its group's state_dtype became low-bit
+                    written[key] = _encode(state[key], *plan[key])
+                else:
+                    value.copy_(state[key])
+                    written[key] = value
+            for key, sign in plan.items():
+                if key not in written:  # working-dtype state of a group that became low-bit
+                    written[key] = _encode(state[key], *sign)
+        except BaseException:
             state.update(stored)
+            state.update(before)
+            raise
+        state.update(written)
+        self._low_bit_decoded.pop(id(state), None)
+        if still_decoded:
+            self._low_bit_decoded[id(state)] = _PendingState(state, group, param.shape, still_decoded)
         if work_param is not param:
             param.copy_(work_param)
+
+    # Low-bit state held decoded between the passes of a step, or by a caller of `state_for` outside one.
+
+    def _init_low_bit_bookkeeping(self) -> None:
+        self._stepping = False
+        self._low_bit_decoded: dict[int, _PendingState] = {}
+        """Per state dict (by id) whose quantized entries are held decoded: what they were decoded from."""
+
+    def _low_bit_plan(self, group: Group, shape: torch.Size, state: State) -> dict[str, tuple[Bits, MapSign]]:
+        """The entries of `state` that the group's low-bit rule stores quantized (class docstring), with the
+        code width and code book of each; empty unless the group's `state_dtype` is "8bit" or "4bit"."""
+        bits = LOW_BIT_STATES.get(group["state_dtype"])
+        if bits is None:
+            return {}
+        minimum = max(int(group.get("low_bit_min_numel", LOW_BIT_MIN_NUMEL)), 1)
+        if math.prod(shape) < minimum:
+            return {}
+        plan: dict[str, tuple[Bits, MapSign]] = {}
+        for key, value in state.items():
+            if key in ("step", MASTER_WEIGHT) or key in self.weight_like_state:
+                continue
+            if isinstance(value, QuantizedTensor):
+                value_shape = value.shape
+            elif isinstance(value, torch.Tensor) and value.is_floating_point():
+                value_shape = tuple(value.shape)
+            else:
+                continue
+            if value_shape != tuple(shape):
+                continue  # not a per-element moment: factored, strided, or a scalar
+            if key not in STATE_SIGNEDNESS:
+                _warn_unknown_sign(type(self).__name__, key)
+                continue
+            plan[key] = (bits, select_map(key))
+        return plan
+
+    def _decoded_entries(self, state: State, work_dtype: torch.dtype) -> dict[str, _Decoded]:
+        """The entries of `state` held decoded already, and its quantized ones decoded now (not yet put in)."""
+        pending = self._low_bit_decoded.get(id(state))
+        entries = dict(pending.entries) if pending is not None and pending.state is state else {}
+        for key, value in state.items():
+            if isinstance(value, QuantizedTensor):
+                tensor = value.dequantize(work_dtype)
+                entries[key] = _Decoded(value, tensor, tensor._version)
+        return entries
+
+    def _decode_for_caller(self, state: State, group: Group, param: torch.Tensor) -> None:
+        """Put the quantized entries of `state` in decoded, to be encoded at the end of the next step."""
+        entries = self._decoded_entries(state, _working_dtype(param.dtype))
+        state.update({key: entry.tensor for key, entry in entries.items()})
+        self._low_bit_decoded[id(state)] = _PendingState(state, group, param.shape, entries)
+
+    def _encode_decoded_state(self) -> None:
+        """Store every entry held decoded as the group's low-bit rule says (codes unchanged where untouched)."""
+        pending_states, self._low_bit_decoded = list(self._low_bit_decoded.values()), {}
+        for pending in pending_states:
+            state, group = pending.state, pending.group
+            plan = self._low_bit_plan(group, pending.shape, state)
+            for key, entry in pending.entries.items():
+                current = state.get(key)
+                if not isinstance(current, torch.Tensor):
+                    continue  # taken out or replaced by the caller with something that is not a tensor
+                if key in plan:
+                    state[key] = _stored_codes(entry, current, plan[key])
+                else:
+                    state[key] = current.to(_unquantized_storage(group, current.dtype))
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -523,11 +709,26 @@ class GenericAdaptiveOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch's `state_dict`, without the functions a param group may hold (ADOPT's `clip_lambda`): a
         checkpoint holds data only, so `torch.load`'s default `weights_only=True` reads it, and the optimizer
-        that loads it keeps its own functions (`load_state_dict` keeps what the saved groups lack)."""
+        that loads it keeps its own functions (`load_state_dict` keeps what the saved groups lack).
+
+        Low-bit state is saved as `QuantizedTensor.state_dict()`: a dict of its uint8 codes and float32 block
+        scales (tensors) and its shape, bit width, code book name and block size (a list, ints, a string),
+        also read by `torch.load(weights_only=True)`. Entries held decoded (`state_for` outside a step) are
+        encoded first, in the optimizer too, so that a run resumed from the checkpoint continues bitwise."""
+        self._encode_decoded_state()
         saved = super().state_dict()
         saved["param_groups"] = [
             {key: value for key, value in group.items() if not callable(value)} for group in saved["param_groups"]
         ]
+        saved["state"] = {
+            saved_id: {
+                key: value.state_dict() if isinstance(value, QuantizedTensor) else value
+                for key, value in param_state.items()
+            }
+            if isinstance(param_state, Mapping)
+            else param_state
+            for saved_id, param_state in saved["state"].items()
+        }
         return saved
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -541,6 +742,11 @@ class GenericAdaptiveOptimizer(Optimizer):
         current values, and so do the storage options (`KEPT_ON_LOAD`): a run saved with master weights
         or bf16 state can resume without them and vice versa; a missing master is taken from the param,
         a saved one that is not wanted is dropped (the param is its rounding).
+
+        Low-bit codes load as they are where this optimizer stores the entry in the same format, which is
+        what resumes bitwise. Elsewhere they are converted, with one `StateConversionWarning` naming every
+        entry converted: codes into a dtype (decoded), a tensor into codes (quantized), codes of another
+        width into this optimizer's (decoded, then quantized).
         """
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
@@ -573,20 +779,32 @@ class GenericAdaptiveOptimizer(Optimizer):
                 param_of_id[saved_id] = (param, merged)
 
         new_state: defaultdict[torch.Tensor, State] = defaultdict(dict)
+        conversions: list[str] = []
         for saved_id, saved_state in state_dict["state"].items():
             if saved_id not in param_of_id:
                 raise ValueError(f"state_dict has state for param id {saved_id!r}, which is in no group")
             param, group = param_of_id[saved_id]
-            new_state[param] = self._load_param_state(saved_id, saved_state, group, param)
+            new_state[param] = self._load_param_state(saved_id, saved_state, group, param, conversions)
 
         self.state = new_state
+        self._low_bit_decoded.clear()  # what was held decoded belonged to the state just replaced
         for group, merged in zip(self.param_groups, new_groups, strict=True):
             group.clear()
             group.update(merged)
+        if conversions:
+            shown = "; ".join(conversions[:8]) + (f"; and {len(conversions) - 8} more" if len(conversions) > 8 else "")
+            warnings.warn(
+                f"{type(self).__name__}.load_state_dict converted {len(conversions)} state entries to how this "
+                f"optimizer stores them (its state_dtype and low_bit_min_numel): {shown}",
+                StateConversionWarning,
+                stacklevel=2,
+            )
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
-    def _load_param_state(self, saved_id: Any, saved: Mapping[str, Any], group: Group, param: torch.Tensor) -> State:
+    def _load_param_state(
+        self, saved_id: Any, saved: Mapping[str, Any], group: Group, param: torch.Tensor, conversions: list[str]
+    ) -> State:
         template = self._state_template(group, param)
         if MASTER_WEIGHT in template and MASTER_WEIGHT not in saved:
             # A checkpoint taken without master weights: the param is the best master there is.
@@ -605,6 +823,8 @@ class GenericAdaptiveOptimizer(Optimizer):
             expected = template[key]
             if key == "step":
                 loaded[key] = _step_to_int(saved_id, value)
+            elif isinstance(expected, QuantizedTensor) or _holds_codes(value):
+                loaded[key] = _load_low_bit(saved_id, key, value, expected, param.device, conversions)
             elif isinstance(expected, torch.Tensor):
                 if isinstance(value, torch.Tensor) and value.is_complex():
                     value = torch.view_as_real(value)  # torch.optim keeps a complex param's state complex
@@ -619,6 +839,72 @@ class GenericAdaptiveOptimizer(Optimizer):
         return loaded
 
 
+def _holds_codes(value: Any) -> bool:
+    """Whether a saved state entry is low-bit codes: a `QuantizedTensor` or its `state_dict()`."""
+    return isinstance(value, QuantizedTensor) or (isinstance(value, Mapping) and set(value) == QUANTIZED_STATE_KEYS)
+
+
+def _describe(value: QuantizedTensor | torch.Tensor) -> str:
+    return f"{value.bits}-bit codes" if isinstance(value, QuantizedTensor) else str(value.dtype)
+
+
+def _load_low_bit(
+    saved_id: Any, key: str, value: Any, expected: Any, device: torch.device, conversions: list[str]
+) -> QuantizedTensor | torch.Tensor:
+    """A saved entry where codes are saved or wanted: the codes as they are if their format is the one wanted,
+    else converted (noted in `conversions`); `ValueError` for codes that do not decode or do not fit."""
+    where = f"state {key!r} of param {saved_id!r}"
+    saved: QuantizedTensor | torch.Tensor
+    if isinstance(value, QuantizedTensor):
+        saved = value
+    elif isinstance(value, Mapping):
+        try:
+            saved = QuantizedTensor.from_state_dict(value)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from error
+    elif isinstance(value, torch.Tensor) and value.is_floating_point():
+        saved = value
+    elif isinstance(value, torch.Tensor) and value.is_complex():
+        saved = torch.view_as_real(value)  # torch.optim keeps a complex param's state complex
+    else:
+        raise ValueError(f"{where} is a {type(value).__name__}, expected a float tensor or low-bit codes")
+    if not isinstance(expected, (QuantizedTensor, torch.Tensor)) or not (
+        isinstance(expected, QuantizedTensor) or expected.is_floating_point()
+    ):
+        raise ValueError(f"{where} holds low-bit codes where this optimizer keeps a {type(expected).__name__}")
+    saved_shape, expected_shape = tuple(saved.shape), tuple(expected.shape)
+    if saved_shape != expected_shape:
+        raise ValueError(f"{where} has shape {saved_shape}, expected {expected_shape}")
+    if (
+        isinstance(expected, QuantizedTensor)
+        and isinstance(saved, QuantizedTensor)
+        and _same_format(saved, expected.bits, expected.sign)
+    ):
+        # The format this optimizer encodes (`_encode`: the papers' block size) is the checkpoint's: as it is.
+        codes = saved.codes.to(device=device, copy=True)
+        scales = saved.scales.to(device=device, copy=True)
+        return QuantizedTensor(codes, scales, saved.shape, saved.bits, saved.sign, saved.block_size)
+    converted: QuantizedTensor | torch.Tensor
+    if isinstance(expected, QuantizedTensor):
+        values = saved.dequantize() if isinstance(saved, QuantizedTensor) else saved
+        converted = _encode(values.to(device), expected.bits, expected.sign)
+        target = f"{expected.bits}-bit {expected.sign} codes"
+    else:
+        converted = _decoded_on(saved, device).to(dtype=expected.dtype, copy=True)
+        target = str(expected.dtype)
+    conversions.append(f"{key} of param {saved_id!r} from {_describe(saved)} to {target}")
+    return converted
+
+
+def _decoded_on(saved: QuantizedTensor | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The float32 values of saved codes (or a saved tensor itself), on `device`."""
+    if isinstance(saved, QuantizedTensor):
+        codes = saved.codes.to(device)
+        moved = QuantizedTensor(codes, saved.scales.to(device), saved.shape, saved.bits, saved.sign, saved.block_size)
+        return moved.dequantize()
+    return saved.to(device)
+
+
 def _step_to_int(saved_id: Any, value: Any) -> int:
     number = value.item() if isinstance(value, torch.Tensor) else value
     if isinstance(number, bool) or not isinstance(number, (int, float)) or number < 0 or number != int(number):
@@ -626,18 +912,25 @@ def _step_to_int(saved_id: Any, value: Any) -> int:
     return int(number)
 
 
-KEPT_ON_LOAD = ("params", "master_weights", "state_dtype")
+KEPT_ON_LOAD = ("params", "master_weights", "state_dtype", "low_bit_min_numel")
 """Group entries that `load_state_dict` keeps from the optimizer: how state is stored is the run's choice."""
 
 MASTER_WEIGHT = "master_weight"
 """State key of the fp32 master copy of a low-precision param (`master_weights=True`)."""
 
 STORAGE_DTYPES = ("float32", "bfloat16")
-"""What `state_dtype` may be. Not float16: the second moments (grad squared) leave its range."""
+"""The dtypes `state_dtype` may be. Not float16: the second moments (grad squared) leave its range."""
+
+LOW_BIT_STATES: dict[str, Bits] = {"8bit": 8, "4bit": 4}
+"""The low-bit values of `state_dtype` and their code widths (`quantization.py`; blocks of 256 and 128)."""
+
+
+class StateConversionWarning(UserWarning):
+    """`load_state_dict` converted state between low-bit codes and a dtype (the message names what)."""
 
 
 def storage_dtype_name(dtype: torch.dtype | str | None) -> str | None:
-    """`state_dtype` as the group stores it: a name such as "bfloat16", so groups hold only primitives."""
+    """`state_dtype` as the group stores it: a name such as "bfloat16" or "8bit", so groups hold only primitives."""
     if dtype is None:
         return None
     if isinstance(dtype, torch.dtype):
@@ -645,10 +938,89 @@ def storage_dtype_name(dtype: torch.dtype | str | None) -> str | None:
     elif isinstance(dtype, str):
         name = dtype.removeprefix("torch.")
     else:
-        raise TypeError(f"state_dtype must be a torch.dtype or None, got {type(dtype).__name__} {dtype!r}")
-    if name not in STORAGE_DTYPES:
-        raise ValueError(f"state_dtype must be one of torch.{', torch.'.join(STORAGE_DTYPES)} or None, got {dtype!r}")
+        raise TypeError(
+            f"state_dtype must be a torch.dtype, '8bit', '4bit' or None, got {type(dtype).__name__} {dtype!r}"
+        )
+    if name not in STORAGE_DTYPES and name not in LOW_BIT_STATES:
+        choices = ", ".join([*(f"torch.{name}" for name in STORAGE_DTYPES), *map(repr, LOW_BIT_STATES)])
+        raise ValueError(f"state_dtype must be one of {choices} or None, got {dtype!r}")
     return name
+
+
+class _Decoded(NamedTuple):
+    """A quantized state entry held decoded: its codes, the working tensor they decoded to, and that tensor's
+    version counter then (torch bumps it at every in-place write), which tells whether the step changed it."""
+
+    original: QuantizedTensor | None
+    tensor: torch.Tensor
+    version: int
+
+
+class _PendingState(NamedTuple):
+    """A state dict with entries held decoded between the passes of a step or for a caller of `state_for`."""
+
+    state: State
+    group: Group
+    shape: torch.Size
+    entries: dict[str, _Decoded]
+
+
+def _encode(value: torch.Tensor, bits: Bits, sign: MapSign, *, created: bool = False) -> QuantizedTensor:
+    """`value` block-wise quantized with the papers' block size; on the meta device only the format.
+
+    A state just `created` keeps its all-zero blocks exactly zero: their scale is 0 rather than the floor
+    1e-12, so the 4-bit map without zero decodes them to 0, not to 1e-12/16 (torchao's `OptimState4bit.zeros`
+    does the same), and a zero-initialized moment starts where fp32 state starts. Later encodings follow the
+    module's rule."""
+    if value.device.type != "meta":
+        quantized = quantize(value, bits=bits, sign=sign)
+        if created:
+            blocks = F.pad(value.detach().reshape(-1), (0, -value.numel() % quantized.block_size))
+            quantized.scales.masked_fill_(blocks.view(-1, quantized.block_size).eq(0).all(dim=1), 0.0)
+        return quantized
+    numel, block_size = value.numel(), DEFAULT_BLOCK_SIZES[bits]
+    codes = torch.empty(numel if bits == 8 else -(-numel // 2), dtype=torch.uint8, device="meta")
+    scales = torch.empty(-(-numel // block_size), dtype=torch.float32, device="meta")
+    return QuantizedTensor(codes, scales, tuple(value.shape), bits, sign, block_size)
+
+
+def _same_format(quantized: QuantizedTensor, bits: Bits, sign: MapSign) -> bool:
+    return (quantized.bits, quantized.sign, quantized.block_size) == (bits, sign, DEFAULT_BLOCK_SIZES[bits])
+
+
+def _stored_codes(entry: _Decoded, current: torch.Tensor, format_: tuple[Bits, MapSign]) -> QuantizedTensor:
+    """What a decoded entry is stored as: its old codes if it is still the tensor they decoded to, unwritten,
+    and in the format wanted (decoding and encoding again is not the identity: a block's scale would shrink
+    to its largest decoded magnitude), else the codes of `current`."""
+    original = entry.original
+    if (
+        original is not None
+        and current is entry.tensor
+        and current._version == entry.version
+        and _same_format(original, *format_)
+    ):
+        return original
+    return _encode(current, *format_)
+
+
+def _unquantized_storage(group: Group, work_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the state entries a group does not quantize: its `state_dtype` if that is a dtype, else
+    the working dtype (fp32, or the param's if wider)."""
+    name = group["state_dtype"]
+    return work_dtype if name is None or name in LOW_BIT_STATES else cast(torch.dtype, getattr(torch, name))
+
+
+_WARNED_UNKNOWN_SIGN: set[tuple[str, str]] = set()
+
+
+def _warn_unknown_sign(owner: str, key: str) -> None:
+    if (owner, key) not in _WARNED_UNKNOWN_SIGN:
+        _WARNED_UNKNOWN_SIGN.add((owner, key))
+        warnings.warn(
+            f"{owner}'s state {key!r} is shaped like its param but has no code book in "
+            "adaptopt.quantization.STATE_SIGNEDNESS (signed or unsigned); it is kept unquantized",
+            stacklevel=3,
+        )
 
 
 def _working_dtype(dtype: torch.dtype) -> torch.dtype:

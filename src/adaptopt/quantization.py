@@ -81,6 +81,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "DEFAULT_BLOCK_SIZES",
+    "QUANTIZED_STATE_KEYS",
     "SCALE_FLOOR",
     "STATE_SIGNEDNESS",
     "Bits",
@@ -113,6 +114,8 @@ SCALE_FLOOR: Final[float] = 1e-12
 """The smallest scale a block gets (torchao's), so that an all-zero block is not divided by 0."""
 
 _STATE_DICT_KEYS: Final = frozenset({"codes", "scales", "shape", "bits", "map", "block_size"})
+QUANTIZED_STATE_KEYS: Final[frozenset[str]] = _STATE_DICT_KEYS
+"""The keys of `QuantizedTensor.state_dict()`: how a checkpoint's loader recognises a quantized entry."""
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -88,10 +88,16 @@ def _positive_int(name: str, value: Any) -> None:
     _positive(name, value)
 
 
+STATE_STORAGES = ("float32", "bfloat16", "8bit", "4bit")
+"""What a group's `state_dtype` may hold besides None: a dtype's name, or a low-bit format (`quantization.py`)."""
+
+
 def _storage_dtype(name: str, value: Any) -> None:
     # Groups hold the dtype's name (see base.storage_dtype_name), so checkpoints hold only primitives.
-    if value is not None and value not in ("float32", "bfloat16"):
-        raise ValueError(f"{name} must be 'float32', 'bfloat16' or None, got {value!r}")
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {STATE_STORAGES} or None, got {type(value).__name__} {value!r}")
+    if value is not None and value not in STATE_STORAGES:
+        raise ValueError(f"{name} must be one of {STATE_STORAGES} or None, got {value!r}")
 
 
 # One table for the whole family: a hyper-parameter means the same thing in every optimizer that has it.
@@ -138,6 +144,8 @@ HYPERPARAMETER_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "weight_decay_l1": _flag,
     "master_weights": _flag,
     "state_dtype": _storage_dtype,
+    # An element count: tensors with fewer elements keep unquantized state under a low-bit state_dtype.
+    "low_bit_min_numel": _non_negative_int,
 }
 
 
