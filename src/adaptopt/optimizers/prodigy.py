@@ -52,6 +52,17 @@ from ..weight_decay import WeightDecay, apply_weight_decay
 __all__ = ["Prodigy"]
 
 
+def _sliced(tensor: torch.Tensor, slice_p: int) -> torch.Tensor:
+    """Every `slice_p`-th element, flattened (the estimate's sample); the tensor itself for 1."""
+    return tensor.flatten()[::slice_p] if slice_p > 1 else tensor
+
+
+def _advance_s(s: torch.Tensor, sliced_grad: torch.Tensor, scalars: Scalars) -> torch.Tensor:
+    r"""$s \leftarrow \beta_3 s + \rho\,\delta_t\, g$ in place: the one formula of both passes, so that the
+    first pass sums the values the update stores."""
+    return s.mul_(scalars["beta3"]).add_(sliced_grad, alpha=scalars["s_rate"])
+
+
 class Prodigy(GenericAdaptiveOptimizer):
     """Prodigy; see the module docstring for the update rule.
 
@@ -172,10 +183,9 @@ class Prodigy(GenericAdaptiveOptimizer):
             return {}
         if not group["decoupled_weight_decay"]:
             grad = apply_weight_decay(param, grad, group, scalars["lr"])
-        beta3 = scalars["beta3"]
         slice_p = group["slice_p"]
-        sliced_grad = grad.flatten()[::slice_p] if slice_p > 1 else grad
-        sliced_param = param.flatten()[::slice_p] if slice_p > 1 else param
+        sliced_grad = _sliced(grad, slice_p)
+        sliced_param = _sliced(param, slice_p)
         # <g, theta_0 - theta>, with theta before this step.
         distance = state["p0"] - sliced_param
         # torch.dot, as prodigyopt, but in float64 (prodigyopt's is in the param's dtype; the same in float64),
@@ -192,7 +202,7 @@ class Prodigy(GenericAdaptiveOptimizer):
         # and reads four tensors, and the moments are updated in the update's pass too (12 passes in all, not 15).
         # In place on a clone, as the update stores it: torch.compile hands the alpha of an out-of-place add to
         # the kernel in single precision (as it does sub_'s), and the sum must be of the values stored.
-        new_s = state["s"].clone().mul_(beta3).add_(sliced_grad, alpha=scalars["s_rate"])
+        new_s = _advance_s(state["s"].clone(), sliced_grad, scalars)
         return {"numerator": numerator, "denominator": new_s.to(torch.float64).abs().sum()}
 
     def end_reduction(self, totals: dict[str, float]) -> bool:
@@ -231,8 +241,7 @@ class Prodigy(GenericAdaptiveOptimizer):
             if scalars["keeps_exp_avg"]:
                 state["exp_avg"].mul_(scalars["beta1"]).add_(grad, alpha=scalars["exp_avg_rate"])
             state["exp_avg_sq"].mul_(scalars["beta2"]).addcmul_(grad, grad, value=scalars["exp_avg_sq_rate"])
-            sliced_grad = grad.flatten()[:: group["slice_p"]] if group["slice_p"] > 1 else grad
-            state["s"].mul_(scalars["beta3"]).add_(sliced_grad, alpha=scalars["s_rate"])
+            _advance_s(state["s"], _sliced(grad, group["slice_p"]), scalars)
         denominator = state["exp_avg_sq"].sqrt().add_(scalars["d_eps"])
         if group["betas"][0] > 0:
             param.addcdiv_(state["exp_avg"], denominator, value=-scalars["lr"])
