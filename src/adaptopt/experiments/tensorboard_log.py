@@ -20,6 +20,8 @@ __all__ = ["TensorBoardLog"]
 class TensorBoardLog(ScalarLog):
     """A `ScalarLog` writing one TensorBoard run per optimizer under `directory`."""
 
+    takes_steps = True
+
     def __init__(self, directory: Path) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter

@@ -352,10 +352,14 @@ def _run_settings(config: dict[str, Any], name: str) -> dict[str, Any]:
     return settings
 
 
+def _restart_advice(path: Path, name: str) -> str:
+    return f"delete {path} to restart {name} from scratch (or use a new --out)"
+
+
 def _check_continuable(path: Path, name: str, saved: Any, epochs_done: int, config: RunConfig) -> None:
     """Raise `CheckpointError` unless the checkpoint of `name` (config `saved`, `epochs_done` epochs) can go on
     under `config`: the same settings, and at least as many epochs as it has done."""
-    advice = f"delete {path} to restart {name} from scratch (or use a new --out)"
+    advice = _restart_advice(path, name)
     current = config.to_json()
     if not isinstance(saved, dict) or _run_settings(saved, name) != _run_settings(current, name):
         if isinstance(saved, dict) and saved.get("epochs") != config.epochs and name in SIZED_TO_THE_RUN:
@@ -383,7 +387,7 @@ def _check_continuable(path: Path, name: str, saved: Any, epochs_done: int, conf
 def load_checkpoint(run: OptimizerRun, path: Path, config: RunConfig) -> None:
     """Restore `run` from `path`; raises `CheckpointError` naming the file if it is corrupt or from another run
     (`ScheduleSizedToTheRun` if only `--epochs` changed and `run`'s schedule depends on it)."""
-    advice = f"delete {path} to restart {run.name} from scratch (or use a new --out)"
+    advice = _restart_advice(path, run.name)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(payload, dict) or payload.get("format") not in READABLE_CHECKPOINT_FORMATS:
@@ -481,6 +485,9 @@ def _progress(total: int, initial: int, description: str) -> Any:
 
 class ScalarLog:
     """Where the comparison sends its scalars as they happen (`--tensorboard`); this one drops them."""
+
+    takes_steps = False
+    """Whether `train_step` wants every step: if not, the loop does not work out the learning rate for it."""
 
     def start(self, name: str, steps_done: int) -> None:
         """`name` begins or resumes training after `steps_done` steps."""
@@ -585,7 +592,8 @@ def run_comparison(
                     if record_curve_point(run, interval=interval, epoch_end=epoch_end, wall_time_s=seconds):
                         # Redrawn at every point (about 50 an epoch), whatever tqdm's own rate limit says.
                         bar.set_postfix(loss=f"{run.curve[-1][2]:.4f}")
-                    scalars.train_step(run.name, run.steps, run.last_loss, current_learning_rate(run.optimizer))
+                    if scalars.takes_steps:
+                        scalars.train_step(run.name, run.steps, run.last_loss, current_learning_rate(run.optimizer))
                     if on_step is not None:
                         on_step(run)
 
