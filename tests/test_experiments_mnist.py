@@ -376,6 +376,28 @@ def test_set_overrides_reach_the_optimizer(data_dir: Path, tmp_path: Path) -> No
     assert sophia_group["rho"] == 0.1
 
 
+def test_set_chooses_how_the_state_is_stored(data_dir: Path, tmp_path: Path) -> None:
+    # The comparison of fp32, bf16, 8-bit and 4-bit state (README) runs through these flags.
+    out = tmp_path / "out"
+    flags = [
+        "--set",
+        "adam.state_dtype=4bit",
+        "--set",
+        "adam.low_bit_min_numel=64",
+        "--set",
+        "sophia.state_dtype=bfloat16",
+    ]
+    assert run_cli(data_dir, out, *flags) == 0
+    hyperparameters = json.loads((out / "results.json").read_text())["config"]["hyperparameters"]
+    assert hyperparameters["adam"]["state_dtype"] == "4bit" and hyperparameters["sophia"]["state_dtype"] == "bfloat16"
+    adam = torch.load(out / "checkpoints/adam.pt", weights_only=True)["optimizer"]
+    assert adam["param_groups"][0]["state_dtype"] == "4bit"
+    stored = [entry["exp_avg"] for entry in adam["state"].values()]
+    assert any(isinstance(entry, dict) and entry["bits"] == 4 for entry in stored)  # codes where numel >= 64
+    sophia = torch.load(out / "checkpoints/sophia.pt", weights_only=True)["optimizer"]
+    assert all(entry["exp_avg"].dtype == torch.bfloat16 for entry in sophia["state"].values())
+
+
 @pytest.mark.parametrize(
     ("setting", "message"),
     [

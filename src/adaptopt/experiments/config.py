@@ -120,7 +120,8 @@ def _accepted_keys(name: str) -> list[str]:
     parameters = list(inspect.signature(factory).parameters.values())[1:]
     keys = [p.name for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD]
     if factory.__module__.startswith("adaptopt.optimizers"):
-        keys.append("maximize")
+        # The base's options (`CommonOptions`) that change what a run computes: low-bit or bf16 state too.
+        keys += ["maximize", "state_dtype", "low_bit_min_numel"]
     if name == "sgd":
         keys += ["dampening", "nesterov", "weight_decay", "maximize"]
     return keys
