@@ -257,6 +257,7 @@ BAD_ARGUMENTS: list[tuple[str, Any, type[Exception]]] = [
     ("weight_decay", -0.01, ValueError),
     ("maximize", "yes", TypeError),
     ("master_weights", 1, TypeError),
+    ("stochastic_rounding", "yes", TypeError),
     ("state_dtype", torch.float16, ValueError),
     ("state_dtype", "fp32", ValueError),
     ("state_dtype", 32, TypeError),

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch.optim import Optimizer
 
 from .execution import BucketedExecution
-from .functional import TensorExtents
+from .functional import TensorExtents, stochastic_round_to_bfloat16
 from .quantization import (
     DEFAULT_BLOCK_SIZES,
     QUANTIZED_STATE_KEYS,
@@ -112,6 +112,13 @@ class CommonOptions(TypedDict, total=False):
       state is quantized is in the section "Low-bit state" of `GenericAdaptiveOptimizer`'s docstring and in
       docs/low-bit.md). The math still runs in fp32 (or the param's dtype, if wider). Copies of the weights
       in the state (`weight_like_state`: Schedule-Free's `z`, Prodigy's `p0`) keep that precision.
+    * `stochastic_rounding`: write each step's result into bf16 params with stochastic rounding
+      (`functional.stochastic_round_to_bfloat16`: unbiased, so updates under half a bf16 ulp still move a
+      param in expectation) instead of to nearest, with the math of such params run in fp32 on a working copy
+      (torchao's `bf16_stochastic_round`). Their state keeps its storage (the param's dtype, or `state_dtype`)
+      and is rounded to nearest. No effect on fp32/fp64 params, nor on fp16 ones (bf16 only). It cannot be
+      combined with `master_weights` (`ValueError`): the fp32 master already keeps every update, and the param
+      is its rounding to nearest. Random numbers come from torch's generator of the param's device.
     * `low_bit_min_numel`: with `state_dtype="8bit"` or `"4bit"`, state tensors with fewer elements than
       this stay unquantized (default 4096, bitsandbytes' `min_8bit_size` and torchao's `min_quant_size`:
       biases and norms are a small part of the memory, and rounding them saves little for the error).
@@ -122,6 +129,7 @@ class CommonOptions(TypedDict, total=False):
 
     maximize: bool
     master_weights: bool
+    stochastic_rounding: bool
     state_dtype: torch.dtype | str | None
     low_bit_min_numel: int
     execution: str
@@ -202,6 +210,7 @@ class GenericAdaptiveOptimizer(Optimizer):
         weight_decay: WeightDecay | float = 0.0,
         maximize: bool = False,
         master_weights: bool = False,
+        stochastic_rounding: bool = False,
         state_dtype: torch.dtype | str | None = None,
         low_bit_min_numel: int = LOW_BIT_MIN_NUMEL,
         execution: str = "auto",
@@ -217,6 +226,7 @@ class GenericAdaptiveOptimizer(Optimizer):
         defaults = {**defaults, **decay, "maximize": maximize}
         defaults.update(
             master_weights=master_weights,
+            stochastic_rounding=stochastic_rounding,
             state_dtype=storage_dtype_name(state_dtype),
             low_bit_min_numel=low_bit_min_numel,
         )
@@ -402,7 +412,7 @@ class GenericAdaptiveOptimizer(Optimizer):
                 if through_copies:
                     # Low-bit moments stay decoded until the update: one rounding a step, as for fp32 state.
                     self._through_working_copies(
-                        collect, state, group, as_real(grad), as_real(param), keep_decoded=True
+                        collect, state, group, as_real(grad), as_real(param), keep_decoded=True, changes_param=False
                     )
                 else:
                     collect(state, group, as_real(grad), as_real(param))
@@ -499,9 +509,22 @@ class GenericAdaptiveOptimizer(Optimizer):
             _working_dtype(as_real(param).dtype) != as_real(param).dtype for param in group["params"]
         )
 
+    def _rounds_stochastically(self, group: Group) -> bool:
+        """Whether the group writes some of its params back with stochastic rounding: bf16 ones, under
+        `stochastic_rounding` (fp32/fp64 params need no rounding, fp16 ones are not supported, and a group of
+        such params keeps its buckets)."""
+        return bool(group["stochastic_rounding"]) and any(
+            as_real(param).dtype == torch.bfloat16 for param in group["params"]
+        )
+
     def _needs_working_copies(self, group: Group) -> bool:
-        """Whether the math must run on working copies: master weights, a storage dtype, or grads to unscale."""
-        return self._stores_in_other_dtype(group) or getattr(self, "grad_scale", None) is not None
+        """Whether the math must run on working copies: master weights, a storage dtype, bf16 params written back
+        with stochastic rounding, or grads to unscale."""
+        return (
+            self._stores_in_other_dtype(group)
+            or self._rounds_stochastically(group)
+            or getattr(self, "grad_scale", None) is not None
+        )
 
     def initialize_state(self, state: State, group: Group, param: torch.Tensor) -> None:
         """Create the state of `param`: the step counter, the master weight if any, then `init_state`.
@@ -544,19 +567,27 @@ class GenericAdaptiveOptimizer(Optimizer):
         param: torch.Tensor,
         *,
         keep_decoded: bool = False,
+        changes_param: bool = True,
     ) -> None:
         """`action` (`_step_one`, or a first pass) on working copies, whose results are then written back.
 
         The math runs on the master weight (or on the param upcast to fp32) with the grad unscaled and cast
         to its dtype, and on the state upcast from its storage dtype or decoded from its codes; the state is
         then rounded back into its storage (or encoded, by the group's low-bit rule as it is now) and the param
-        re-derived from the master. With `keep_decoded` (a first pass) decoded entries stay decoded in the
-        state until the update that follows stores them. `grad` and `param` are real (`as_real`). If `action`
-        raises, the state entries are put back as they were.
+        re-derived from the master, or, without one, rounded back into its dtype: to nearest, or for a bf16
+        param under `stochastic_rounding` stochastically (so are the copies of the weights in its state,
+        `weight_like_state`, stored in bf16). With `keep_decoded` (a first pass) decoded entries stay decoded
+        in the state until the update that follows stores them. A first pass, which never changes the param,
+        passes `changes_param=False`: nothing is written back to it (and no random numbers are drawn).
+        `grad` and `param` are real (`as_real`). If `action` raises, the state entries are put back as they
+        were.
         """
-        widened = group["master_weights"] or group["state_dtype"] is not None
-        work_dtype = _working_dtype(param.dtype) if widened else param.dtype
         master = state.get(MASTER_WEIGHT)
+        # Without a master: with one, the param is the master's rounding to nearest (the options exclude each
+        # other at construction; this also holds for a group whose options were changed by hand since).
+        stochastic = bool(group["stochastic_rounding"]) and param.dtype == torch.bfloat16 and master is None
+        widened = group["master_weights"] or group["state_dtype"] is not None or stochastic
+        work_dtype = _working_dtype(param.dtype) if widened else param.dtype
         work_param = master if master is not None else param.to(work_dtype)
         work_grad = self._unscaled(grad).to(work_dtype)
         decoded = self._decoded_entries(state, work_dtype)
@@ -588,6 +619,10 @@ class GenericAdaptiveOptimizer(Optimizer):
             for key, value in stored.items():
                 if key in plan:  # stored in another dtype before its group's state_dtype became low-bit
                     written[key] = _encode(state[key], *plan[key])
+                elif stochastic and key in self.weight_like_state and value.dtype == torch.bfloat16:
+                    # An iterate of the weights (Schedule-Free's z) loses small steps to nearest as the param does.
+                    value.copy_(stochastic_round_to_bfloat16(state[key]))
+                    written[key] = value
                 else:
                     value.copy_(state[key])
                     written[key] = value
@@ -602,8 +637,8 @@ class GenericAdaptiveOptimizer(Optimizer):
         self._low_bit_decoded.pop(id(state), None)
         if still_decoded:
             self._low_bit_decoded[id(state)] = _PendingState(state, group, param.shape, still_decoded)
-        if work_param is not param:
-            param.copy_(work_param)
+        if work_param is not param and changes_param:
+            param.copy_(stochastic_round_to_bfloat16(work_param) if stochastic else work_param)
 
     # Low-bit state held decoded between the passes of a step, or by a caller of `state_for` outside one.
 
@@ -912,8 +947,12 @@ def _step_to_int(saved_id: Any, value: Any) -> int:
     return int(number)
 
 
-KEPT_ON_LOAD = ("params", "master_weights", "state_dtype", "low_bit_min_numel")
-"""Group entries that `load_state_dict` keeps from the optimizer: how state is stored is the run's choice."""
+KEPT_ON_LOAD = ("params", "master_weights", "stochastic_rounding", "state_dtype", "low_bit_min_numel")
+"""Group entries that `load_state_dict` keeps from the optimizer: how state is stored, and how the params are
+rounded, is the run's choice. `stochastic_rounding` belongs with `master_weights`: both say how a low-precision
+param keeps its small updates, which depends on the job's precision setup, not on the trajectory saved (no
+state depends on it); and taking one from the checkpoint while keeping the other could bring together the two
+that exclude each other."""
 
 MASTER_WEIGHT = "master_weight"
 """State key of the fp32 master copy of a low-precision param (`master_weights=True`)."""

@@ -17,6 +17,7 @@ __all__ = [
     "bias_correction",
     "rectification",
     "replicated",
+    "stochastic_round_to_bfloat16",
 ]
 
 
@@ -103,6 +104,55 @@ def adam_step(
         denominator = second_moment.sqrt().div_(bias_correction2_sqrt).add_(eps)
         step_size = lr / bias_correction1
     param.addcdiv_(exp_avg, denominator, value=-step_size)
+
+
+BFLOAT16_MAX = torch.finfo(torch.bfloat16).max
+r"""The largest finite bf16, $(2 - 2^{-7}) \cdot 2^{127} \approx 3.39 \cdot 10^{38}$."""
+
+_LOW_HALF = 1 << 16
+"""float32 keeps 16 more mantissa bits than bfloat16: the bits a cast to bf16 drops."""
+
+
+def stochastic_round_to_bfloat16(value: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    r"""`value` rounded to bfloat16 stochastically: up or down to one of its two bf16 neighbours, at random, with
+    the probability that makes the result equal to `value` in expectation.
+
+    Gupta, Agrawal, Gopalakrishnan & Narayanan, *Deep Learning with Limited Numerical Precision*, ICML 2015
+    (arXiv:1502.02551), §3; the rounding of torchao's bf16 optimizers (`bf16_stochastic_round=True`). For
+    $x$ between the neighbours $\lfloor x \rfloor$ and $\lceil x \rceil$:
+
+    $$\operatorname{SR}(x) = \begin{cases} \lceil x \rceil & \text{with probability }
+        \dfrac{x - \lfloor x \rfloor}{\lceil x \rceil - \lfloor x \rfloor} \\
+        \lfloor x \rfloor & \text{otherwise} \end{cases}
+      \qquad \text{so} \qquad \mathbb{E}[\operatorname{SR}(x)] = x$$
+
+    A bf16 is the high half of a float32, so this is the float32's bit pattern plus a uniform random integer in
+    $[0, 2^{16})$, with the low 16 bits then dropped: the sum carries into the high half (rounds away from zero)
+    exactly when the noise is at least $2^{16}$ minus the dropped bits, whose share of $2^{16}$ is the
+    probability above (the bit pattern grows with $|x|$ in steps of one float32 ulp, across binades and
+    subnormals too). The result is computed in float32 (`value` is first cast to float32, exactly for bf16 and
+    fp16 inputs; a float64 input is rounded to float32 first, to nearest).
+
+    Values bf16 holds exactly come back unchanged, ±0 included, and so do NaN and ±inf. Finite values beyond the
+    largest bf16 (`BFLOAT16_MAX`), whose upper neighbour would be infinity, are rounded as torch's cast rounds
+    them, to nearest: stochastic rounding never makes an infinity out of a value that the cast keeps finite.
+
+    The noise comes from `generator`, by default torch's generator of `value`'s device, one draw per element
+    whatever the values: `torch.manual_seed` makes a run reproducible, and a run resumed from a checkpoint
+    continues bitwise only if that generator's state (`torch.get_rng_state`, `torch.cuda.get_rng_state`) is
+    saved and restored with it.
+    """
+    wide = value.to(torch.float32)
+    # NaN compares False: NaN, ±inf and finite values past the largest bf16 take the cast's rounding below. Their
+    # bits are zeroed for the integer arithmetic, which could otherwise carry a NaN's payload into the sign bit.
+    rounds_stochastically = wide.abs() <= BFLOAT16_MAX
+    bits = torch.where(rounds_stochastically, wide, 0.0).view(torch.int32)
+    noise = torch.randint(0, _LOW_HALF, wide.shape, dtype=torch.int32, device=wide.device, generator=generator)
+    # |bits| <= BFLOAT16_MAX's pattern 0x7F7F0000, so adding less than 2^16 cannot overflow an int32, and the
+    # sign bit, on top, is left alone: a negative value's magnitude is rounded as a positive one's.
+    rounded = bits.add_(noise).bitwise_and_(-_LOW_HALF).view(torch.float32)
+    # The cast is exact where the low half is zero: only the others (NaN, inf, out of range) are rounded by it.
+    return torch.where(rounds_stochastically, rounded, wide).to(torch.bfloat16)
 
 
 class TensorExtents:

@@ -143,6 +143,7 @@ HYPERPARAMETER_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "weight_decay_absolute": _flag,
     "weight_decay_l1": _flag,
     "master_weights": _flag,
+    "stochastic_rounding": _flag,
     "state_dtype": _storage_dtype,
     # An element count: tensors with fewer elements keep unquantized state under a low-bit state_dtype.
     "low_bit_min_numel": _non_negative_int,
@@ -160,6 +161,13 @@ def validate_group(group: Mapping[str, Any]) -> None:
         raise ValueError(f"total_steps must be greater than warmup ({group['warmup']!r}), got {group['total_steps']!r}")
     if group.get("weight_decay_absolute") and not group.get("decoupled_weight_decay", True):
         raise ValueError("weight_decay_absolute=True requires decoupled weight decay")
+    if group.get("stochastic_rounding") and group.get("master_weights"):
+        # Refused rather than ignored, as torch.optim refuses `fused=True` with `foreach=True`: a job that asks
+        # for both has misread one, and silently dropping either would change the run it expects.
+        raise ValueError(
+            "stochastic_rounding=True cannot be combined with master_weights=True: the fp32 master keeps every "
+            "update, and the param is its rounding to nearest; choose one"
+        )
 
 
 def validate_checks(checks: Mapping[str, Callable[[str, Any], None]], group: Mapping[str, Any]) -> None:
