@@ -116,6 +116,7 @@ def train_step(
         optimizer.zero_grad(set_to_none=True)
         loss_on(model, step, sampled=True).backward()
         optimizer.update_hessian(BATCH)
+        after_step()  # the estimate is stored as soon as it is written, before the step reads it
     optimizer.zero_grad(set_to_none=True)
     loss_on(model, step).backward()
     optimizer.step()
@@ -564,7 +565,7 @@ def test_a_broken_low_bit_checkpoint_is_rejected_and_changes_nothing(case: str, 
     assert_identical(snapshot(target), before)
 
 
-def test_sophia_hessian_written_outside_a_step_is_kept_and_saved_as_codes() -> None:
+def test_sophia_stores_its_hessian_as_codes_as_soon_as_it_is_written() -> None:
     model = make_model()
     optimizer = low_bit_optimizer("sophia", model, "8bit")
     for step in range(2):
@@ -573,13 +574,18 @@ def test_sophia_hessian_written_outside_a_step_is_kept_and_saved_as_codes() -> N
     assert isinstance(optimizer.state[weight]["hessian"], QuantizedTensor)
     loss_on(model, 7, sampled=True).backward()
     held = decoded(optimizer.state[weight]["hessian"]).clone()
-    optimizer.update_hessian(BATCH)  # reads state_for: held decoded, written in float64
-    written = optimizer.state[weight]["hessian"]
-    assert isinstance(written, torch.Tensor) and not torch.equal(written, held)
-    saved = optimizer.state_dict()  # encodes it, in the optimizer too
+    expected = held * 0.95 + 0.05 * BATCH * weight.grad.square()  # Sophia's beta2 = 0.95, in float64
+    optimizer.update_hessian(BATCH)  # writes through state_for, then stores the estimate as codes at once
     assert isinstance(optimizer.state[weight]["hessian"], QuantizedTensor)
+    assert torch.equal(
+        optimizer.state[weight]["hessian"].dequantize(torch.float64), round_trip(expected, 8, "unsigned")
+    )
+    saved = optimizer.state_dict()
     assert set(saved["state"][0]["hessian"]) == {"codes", "scales", "shape", "bits", "map", "block_size"}
-    assert torch.equal(optimizer.state[weight]["hessian"].dequantize(torch.float64), round_trip(written, 8, "unsigned"))
+    # A caller of state_for that writes outside a step keeps its decoded tensor until the next step stores it.
+    optimizer.state_for(optimizer.param_groups[0], weight)["hessian"].mul_(2.0)
+    assert isinstance(optimizer.state[weight]["hessian"], torch.Tensor)
+    assert isinstance(optimizer.state_dict()["state"][0]["hessian"], dict)  # saved as codes all the same
 
 
 # --------------------------------------------------------------------------------------------------

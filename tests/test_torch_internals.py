@@ -89,6 +89,21 @@ def compiled_muon_moves_as_eager() -> float:
     return max(float((a - b).norm() / a.norm()) for a, b in zip(*ends, strict=True))
 
 
+def compiled_low_bit_adam_gap() -> float:
+    """How far apart (relative to the params) a compiled and a reference Adam with 8-bit state end, in float64."""
+    ends = []
+    for path in ("reference", "compiled"):
+        generator = torch.Generator().manual_seed(5)
+        params = [torch.randn(size, dtype=torch.float64, generator=generator).requires_grad_() for size in (300, 700)]
+        optimizer = adaptopt.Adam(params, state_dtype="8bit", low_bit_min_numel=1, execution=path)
+        for _ in range(3):
+            for param in params:
+                param.grad = torch.randn(param.shape, dtype=torch.float64, generator=generator)
+            optimizer.step()
+        ends.append(params)
+    return max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(*ends, strict=True))
+
+
 CASES: list[tuple[str, str, Breaker]] = [
     *[(name, "removed", hidden(name)) for name in internals.INTERNALS if name.startswith("torch.")],
     ("torch._C._storage_Use_Count", "miscounting", miscounting_storage_users),
@@ -125,11 +140,15 @@ def test_a_missing_or_broken_internal_costs_one_warning_and_no_result(
         }
         if name == "torch._inductor.config.emulate_precision_casts":  # only matrix updates compile with it
             muon_moved = compiled_muon_moves_as_eager()
+        if name == "torch._dynamo.maybe_mark_dynamic":  # only low-bit updates mark their lengths so
+            low_bit_gap = compiled_low_bit_adam_gap()
     for (path, index), actual in runs.items():
         # Bucketed runs the reference's own ops: bitwise. Compiled may contract into FMAs (see test_execution).
         assert_same(expected[index], actual, exact=path == "bucketed")
         if name != "torch._C._storage_Use_Count":
             assert list(buckets(actual[1])), (path, index)  # Only the storage count keeps params out.
+    if name == "torch._dynamo.maybe_mark_dynamic":
+        assert low_bit_gap <= 1e-12  # compiled per length instead, as test_low_bit_execution's tolerance
     if name == "torch._inductor.config.emulate_precision_casts":
         assert muon_moved < 0.1  # bfloat16 rounding apart, as far as a few steps carry it; bitwise with it
     messages = [str(warning.message) for warning in caught if str(warning.message).startswith("adaptopt")]

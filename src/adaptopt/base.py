@@ -59,6 +59,7 @@ from torch.optim import Optimizer
 
 from .execution import BucketedExecution
 from .functional import TensorExtents, stochastic_round_to_bfloat16
+from .low_bit_execution import Format, LowBitExecution
 from .quantization import (
     DEFAULT_BLOCK_SIZES,
     QUANTIZED_STATE_KEYS,
@@ -449,12 +450,79 @@ class GenericAdaptiveOptimizer(Optimizer):
             self._decode_for_caller(state, group, as_real(param))
         return state
 
+    def store_state(self) -> None:
+        """Store now every low-bit entry that a caller of `state_for` holds decoded (it is otherwise stored at
+        the end of the next step): a method that writes state outside `step()`, such as Sophia's
+        `update_hessian`, calls it when it is done, so that the state takes its low-bit memory again before the
+        forward and backward passes that come first, and the next step reads it as codes, on the fast path."""
+        self._encode_decoded_state()
+
     def _step_group(self, group: Group) -> None:
         """Step the group the way `execution` says: bucketed paths hand back the params they do not own."""
         if self._buckets is None or self._needs_working_copies(group):
-            self._step_params(group, group["params"])
+            params = group["params"]
+            if (
+                self._buckets is not None
+                and self._buckets.low_bit is not None
+                and group["state_dtype"] in LOW_BIT_STATES
+            ):
+                params = self._step_low_bit(self._buckets.low_bit, group)
+            self._step_params(group, params)
         elif leftovers := self._buckets.step_group(group):
             self._step_params(group, leftovers)
+
+    def _step_low_bit(self, engine: LowBitExecution, group: Group) -> list[torch.Tensor]:
+        """Step the params of a low-bit group whose codes the fused path can decode, update and encode in one
+        pass (`low_bit_execution.py`); return the others, for the reference loop. Master weights and
+        GradScaler's unscaling need the working copies of the reference loop, so do narrower params."""
+        if group["master_weights"] or getattr(self, "grad_scale", None) is not None:
+            return list(group["params"])
+        leftovers = []
+        for param in group["params"]:
+            grad = param.grad
+            if grad is None:
+                continue
+            real, real_grad = as_real(param), as_real(grad)
+            formats = None
+            if (
+                type(param) in (torch.Tensor, torch.nn.Parameter)
+                and type(grad) is torch.Tensor
+                and grad.layout == torch.strided
+                and real.dtype in (torch.float32, torch.float64)
+                and real.is_contiguous()
+                and real_grad.shape == real.shape
+            ):
+                formats = self._fused_low_bit_formats(group, self.state_for(group, param), real)
+            if formats is None:
+                leftovers.append(param)
+            else:
+                engine.step(group, self.state[param], real_grad, real, formats)
+        return leftovers
+
+    def _fused_low_bit_formats(self, group: Group, state: State, param: torch.Tensor) -> dict[str, Format] | None:
+        """The code format of each quantized entry of `state`, if the fused path can step it: every entry the
+        low-bit rule picks is stored as codes in its format, every other one is a plain tensor like `param`,
+        and none is held decoded (a caller of `state_for` wrote into it since the last step). Else None."""
+        if id(state) in self._low_bit_decoded:
+            return None
+        plan = self._low_bit_plan(group, param.shape, state)
+        formats: dict[str, Format] = {}
+        for key, value in state.items():
+            if key == "step":
+                continue
+            if isinstance(value, QuantizedTensor):
+                if key not in plan or not _same_format(value, *plan[key]) or value.shape != tuple(param.shape):
+                    return None
+                formats[key] = (value.bits, value.sign, value.block_size)
+            elif not (
+                isinstance(value, torch.Tensor)
+                and key not in plan
+                and value.shape == param.shape
+                and value.dtype == param.dtype
+                and value.is_contiguous()
+            ):
+                return None
+        return formats if formats and len(formats) == len(plan) else None
 
     def _step_params(self, group: Group, params: Iterable[torch.Tensor]) -> None:
         """The reference execution: one parameter at a time."""

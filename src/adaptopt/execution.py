@@ -58,6 +58,7 @@ import torch
 from . import torch_internals as internals
 from .compiled import CompiledReduction, CompiledUpdate, compilation_supported
 from .functional import TensorExtents
+from .low_bit_execution import LowBitExecution
 from .memory import as_bucket_buffer, bucket_buffer
 
 if TYPE_CHECKING:
@@ -322,6 +323,10 @@ class BucketedExecution:
         """Compiled updates by their constants (`_constants_key`); None where compiling failed."""
         self._seen_states: list[State] = []
         """`optimizer.state`'s dicts at the last step (see `_refresh_states`)."""
+        fusable = self.kind == "elementwise" and not getattr(type(optimizer), "reduces", False)
+        self.low_bit = LowBitExecution(optimizer, mode, AUTO_COMPILE_WORK) if fusable else None
+        """Low-bit groups' decode, update and encode in one pass (`low_bit_execution.py`), where the math is
+        elementwise and needs no first pass."""
 
     @classmethod
     def for_mode(cls, optimizer: Steppable, execution: Any) -> BucketedExecution | None:

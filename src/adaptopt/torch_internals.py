@@ -45,6 +45,7 @@ __all__ = [
     "lookup",
     "lose",
     "mark_dynamic",
+    "maybe_mark_dynamic",
     "owns_its_storage",
     "record_c_call",
 ]
@@ -58,6 +59,7 @@ INTERNALS: dict[str, str] = {
     "torch._dynamo.eval_frame.is_dynamo_supported": "torch.compile is tried without knowing whether this "
     "platform supports it (a failure still runs the buckets eagerly)",
     "torch._dynamo.mark_dynamic": "compiled execution runs the buckets eagerly",
+    "torch._dynamo.maybe_mark_dynamic": "a compiled low-bit update is compiled once per param size",
     "torch._inductor.compile_fx.compile_fx": "compiled updates go through torch.compile's public path, not "
     "straight into inductor's kernel",
     "torch._inductor.compile_fx.compile_fx_inner": "compiled updates go through torch.compile's public path, not "
@@ -250,6 +252,20 @@ def mark_dynamic(tensor: torch.Tensor, dim: int) -> bool:
         mark(tensor, dim)
     except Exception as error:
         lose("torch._dynamo.mark_dynamic", f"{type(error).__name__}: {error}")
+        return False
+    return True
+
+
+def maybe_mark_dynamic(tensor: torch.Tensor, dim: int) -> bool:
+    """Mark `tensor`'s `dim` as possibly dynamic: dynamo may still find it equal to another size, or specialise
+    it, without an error (unlike `mark_dynamic`). False where that is not possible."""
+    mark = lookup("torch._dynamo.maybe_mark_dynamic")
+    if mark is None:
+        return False
+    try:
+        mark(tensor, dim)
+    except Exception as error:
+        lose("torch._dynamo.maybe_mark_dynamic", f"{type(error).__name__}: {error}")
         return False
     return True
 

@@ -103,3 +103,4 @@ class Sophia(GenericAdaptiveOptimizer):
                 hessian.mul_(beta2).addcmul_(
                     as_real(grad), as_real(grad), value=(1.0 - beta2) * n_tokens_training_batch
                 )
+        self.store_state()  # low-bit state: the estimate is stored as codes now, not held decoded until the step
