@@ -152,6 +152,17 @@ if _available("pytorch_optimizer"):
     CONTENDERS["pytorch_optimizer ADOPT"] = _pytorch_optimizer("ADOPT")
     CONTENDERS["pytorch_optimizer AdEMAMix"] = _pytorch_optimizer("AdEMAMix", alpha=2.0)
     CONTENDERS["pytorch_optimizer Lamb"] = _pytorch_optimizer("Lamb", max_grad_norm=1.0, pre_norm=True)
+# Low-bit state (issue 14): the fused decode, update and encode, against torchao's 8-bit AdamW where installed.
+CONTENDERS.update(
+    {
+        "ours Adam 8-bit state (compiled)": lambda p: adaptopt.Adam(p, state_dtype="8bit", execution="compiled"),
+        "ours Adam 4-bit state (compiled)": lambda p: adaptopt.Adam(p, state_dtype="4bit", execution="compiled"),
+        "ours Adam 8-bit state (eager)": lambda p: adaptopt.Adam(p, state_dtype="8bit", execution="bucketed"),
+        "ours Adam 8-bit state (reference loop)": lambda p: adaptopt.Adam(p, state_dtype="8bit", execution="reference"),
+    }
+)
+if _available("torchao"):
+    CONTENDERS["torchao AdamW8bit"] = lambda p: importlib.import_module("torchao.optim").AdamW8bit(p, weight_decay=0.0)
 MATRIX_CASES = {"MNIST CNN (8 tensors, 431k)", "32 matrices of 256x256"}
 ONLY_IN: dict[str, set[str]] = {
     "ours Muon (+AdamW for non-matrices)": MATRIX_CASES,

@@ -10,13 +10,14 @@ checked against a float64 loop that rounds the state through the quantization mo
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
 import adaptopt
 from adaptopt import execution
 from adaptopt import low_bit_execution as fused
-from adaptopt import torch_internals as internals
 from adaptopt.quantization import QuantizedTensor
 from dropin_support import NAMES, make_optimizer
 from test_low_bit import (
@@ -136,8 +137,8 @@ def test_compiled_fused_steps_equal_the_reference_loop(name: str, state_dtype: s
     expected = trained(name, state_dtype, "reference")
     (engine,) = low_bit_engines(optimizer)
     # The first step with each set of constants runs eagerly (it tells which entries the update writes); every
-    # later one is compiled, three params a step.
-    assert engine.compiled_calls >= 3 * (STEPS - 2)
+    # later one compiles the whole blocks of the two weights (the hidden bias, 200 elements, is all tail at 8 bits).
+    assert engine.compiled_calls >= 2 * (STEPS - 2)
     for index, (param, wanted_param) in enumerate(zip(params_of(optimizer), params_of(expected), strict=True)):
         # 1e-12 of the scale: inductor may order float64 operations otherwise than eager (measured: 2e-16 to
         # 5e-16); a code that rounded otherwise would be off by a whole code step, 1e-4 and more.
@@ -161,8 +162,9 @@ def test_auto_compiles_after_its_work_and_continues_the_same_run(monkeypatch: py
     optimizer = trained("adam", "8bit", "auto", steps=8)
     expected = trained("adam", "8bit", "reference", steps=8)
     (engine,) = low_bit_engines(optimizer)
-    assert engine.eager_work == 3 * QUANTIZED_NUMEL
-    assert engine.compiled_calls == 3 * 5
+    # Three steps eagerly, then the tails: 2400 - 9 * 256, 1000 - 3 * 256 and the whole 200-element bias.
+    assert engine.eager_work == 3 * QUANTIZED_NUMEL + 5 * (96 + 232 + 200)
+    assert engine.compiled_calls == 2 * 5  # the weights' whole blocks; the rest eagerly
     for (where, actual), (_, wanted) in zip(entries(optimizer), entries(expected), strict=True):
         if actual.dtype == torch.uint8:
             assert torch.equal(actual, wanted), where
@@ -216,15 +218,20 @@ def test_params_the_fused_path_cannot_take_go_to_the_reference_loop() -> None:
 
 
 def test_a_compiled_update_that_does_not_step_as_eager_is_never_used(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Lengths left static: torch 2.13's inductor (CPU) then compiles the decoding of a last partial block to reads
-    # of garbage. The self-test on scratch inputs catches it, says so once, and the run goes on eagerly, exact.
-    monkeypatch.setattr(internals, "maybe_mark_dynamic", lambda tensor, dim: True)
+    # A compiler that gets the codes wrong (torch 2.13's inductor read garbage for a partial block, compiled for a
+    # static length): the self-test on scratch inputs catches it, says so once, and the run goes on eagerly, exact.
+    compile_ = torch.compile
+
+    def off_by_one_code(function: Any, **options: Any) -> Any:
+        compiled = compile_(function, **options)
+        return lambda *args: tuple(out + 1 if out.dtype == torch.uint8 else out for out in compiled(*args))
+
+    monkeypatch.setattr(torch, "compile", off_by_one_code)
     with pytest.warns(RuntimeWarning, match="torch.compile failed for a low-bit update") as caught:
         optimizer = trained("adam", "8bit", "compiled", steps=4)
     assert sum("low-bit update" in str(warning.message) for warning in caught) == 1
     (engine,) = low_bit_engines(optimizer)
     assert engine.compiled_calls == 0
-    for (where, actual), (_, wanted) in zip(
-        entries(optimizer), entries(trained("adam", "8bit", "reference", 4)), strict=True
-    ):
+    expected = trained("adam", "8bit", "reference", steps=4)
+    for (where, actual), (_, wanted) in zip(entries(optimizer), entries(expected), strict=True):
         assert torch.equal(actual, wanted), where

@@ -148,7 +148,7 @@ def test_a_missing_or_broken_internal_costs_one_warning_and_no_result(
         if name != "torch._C._storage_Use_Count":
             assert list(buckets(actual[1])), (path, index)  # Only the storage count keeps params out.
     if name == "torch._dynamo.maybe_mark_dynamic":
-        assert low_bit_gap <= 1e-12  # compiled per length instead, as test_low_bit_execution's tolerance
+        assert low_bit_gap <= 1e-12  # compiled again for the second length: test_low_bit_execution's tolerance
     if name == "torch._inductor.config.emulate_precision_casts":
         assert muon_moved < 0.1  # bfloat16 rounding apart, as far as a few steps carry it; bitwise with it
     messages = [str(warning.message) for warning in caught if str(warning.message).startswith("adaptopt")]

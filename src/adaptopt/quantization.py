@@ -89,12 +89,14 @@ __all__ = [
     "QuantizedTensor",
     "covering_radius",
     "dequantize",
+    "dequantize_blocks",
     "dequantize_blockwise",
     "dynamic_map",
     "linear_map_without_zero",
     "pack_nibbles",
     "quantization_map",
     "quantize",
+    "quantize_blocks",
     "quantize_blockwise",
     "quantized_nbytes",
     "select_map",
@@ -299,12 +301,30 @@ def _as_blocks(flat: torch.Tensor, block_size: int) -> torch.Tensor:
     return F.pad(flat, (0, -flat.numel() % block_size)).view(-1, block_size)
 
 
+def _largest_code_at_most(normalized: torch.Tensor, code_map: torch.Tensor) -> torch.Tensor:
+    """The largest j with q_j <= y, or 0 where there is none (y below q_0), as int64; the last index for NaN
+    (its block decodes to NaN through its scale anyway), as `searchsorted` has it.
+
+    Under `torch.compile`, for a code book of 2^k entries (all four of ours), a branchless binary search of k
+    steps, each an elementwise compare with a gathered code (the technique of torchao's
+    `quantize_8bit_with_qmap`): inductor compiles it into the loop around it, 1.7x faster than its
+    `searchsorted` (1M elements, one thread: 29 against 54 ms). Eagerly, `searchsorted`, a single op, is
+    faster than the search's 3k ops (88 against 176 ms for a whole quantization)."""
+    count = code_map.numel()
+    if count & (count - 1) or not torch.compiler.is_compiling():
+        return (torch.searchsorted(code_map, normalized, right=True) - 1).clamp(0, count - 1)
+    below = torch.zeros(normalized.shape, dtype=torch.int64, device=normalized.device)
+    step = count // 2
+    while step:
+        below += torch.where(normalized >= code_map[below + step], step, 0)
+        step //= 2
+    return torch.where(normalized.isnan(), count - 1, below)  # where searchsorted puts NaN: after the last
+
+
 def _nearest_codes(normalized: torch.Tensor, code_map: torch.Tensor) -> torch.Tensor:
     """The index of the nearest code for each value, the rule of the module docstring, as int64."""
     last = code_map.numel() - 1
-    # The largest j with q_j <= y. Clamped at both ends so that NaN (whose position searchsorted leaves
-    # open) still yields an index inside the map: its block decodes to NaN through its scale anyway.
-    below = (torch.searchsorted(code_map, normalized, right=True) - 1).clamp(0, last)
+    below = _largest_code_at_most(normalized, code_map)
     above = (below + 1).clamp(max=last)
     value_below, value_above = code_map[below], code_map[above]
     # Written as torchao compares, fl(y - q_j) >= fl(q_{j+1} - q_j) / 2, not as y >= midpoint: the two
@@ -329,11 +349,23 @@ def quantize_blockwise(
     if code_map.dim() != 1 or code_map.dtype != torch.float32 or not 2 <= code_map.numel() <= 256:
         raise ValueError("code_map must be a 1-d float32 tensor of 2 to 256 sorted codes")
     flat = values.reshape(-1).to(torch.float32)
-    blocks = _as_blocks(flat, block_size)
+    codes, scales = quantize_blocks(_as_blocks(flat, block_size), code_map)
+    return codes.reshape(-1)[: flat.numel()], scales
+
+
+def quantize_blocks(blocks: torch.Tensor, code_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_blockwise` of whole blocks, the rows of `blocks` (`(blocks, block_size)`, float32): codes
+    uint8 of the same shape and a scale per row. No padding and no cut, so a compiled update over a stretch of
+    whole blocks reads and writes without masks (the fused low-bit step, `low_bit_execution.py`)."""
     absmax = blocks.abs().amax(dim=1)  # NaN if the block holds one, inf if it holds an infinity.
     scales = torch.where(torch.isfinite(absmax), absmax.clamp(min=SCALE_FLOOR), torch.nan)
-    codes = _nearest_codes(blocks / scales.unsqueeze(1), code_map)
-    return codes.reshape(-1)[: flat.numel()].to(torch.uint8), scales
+    return _nearest_codes(blocks / scales.unsqueeze(1), code_map).to(torch.uint8), scales
+
+
+def dequantize_blocks(codes: torch.Tensor, scales: torch.Tensor, code_map: torch.Tensor) -> torch.Tensor:
+    """`dequantize_blockwise` of whole blocks: `codes` uint8 `(blocks, block_size)`, a scale per row; float32
+    values of the codes' shape: the products of `dequantize_blockwise`."""
+    return code_map[codes.to(torch.int32)] * scales.unsqueeze(1)
 
 
 def dequantize_blockwise(
@@ -351,14 +383,13 @@ def dequantize_blockwise(
             f"{numel} codes in blocks of {block_size} need {_num_blocks(numel, block_size)} scales, "
             f"got shape {tuple(scales.shape)}"
         )
-    # int32, not uint8: eager indexing would read a uint8 tensor as a boolean mask, and inductor cannot
-    # index with uint8 at all.
-    decoded = code_map[codes.reshape(-1).to(torch.int32)]
     # Pad to whole blocks, scale, cut: torch 2.13's inductor (CPU) miscompiles the equivalent
     # `decoded * scales.repeat_interleave(block_size)[:numel]` (and the expand/reshape form), reading garbage
     # for the elements of a last partial block.
-    scaled = _as_blocks(decoded, block_size) * scales.unsqueeze(1)
-    return scaled.reshape(-1)[:numel]
+    # int32, not uint8: eager indexing would read a uint8 tensor as a boolean mask, and inductor cannot
+    # index with uint8 at all.
+    decoded = code_map[codes.reshape(-1).to(torch.int32)]
+    return (_as_blocks(decoded, block_size) * scales.unsqueeze(1)).reshape(-1)[:numel]
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:

@@ -59,7 +59,8 @@ INTERNALS: dict[str, str] = {
     "torch._dynamo.eval_frame.is_dynamo_supported": "torch.compile is tried without knowing whether this "
     "platform supports it (a failure still runs the buckets eagerly)",
     "torch._dynamo.mark_dynamic": "compiled execution runs the buckets eagerly",
-    "torch._dynamo.maybe_mark_dynamic": "a compiled low-bit update is compiled once per param size",
+    "torch._dynamo.maybe_mark_dynamic": "a compiled low-bit update is compiled twice, for the first two sizes "
+    "of param it meets",
     "torch._inductor.compile_fx.compile_fx": "compiled updates go through torch.compile's public path, not "
     "straight into inductor's kernel",
     "torch._inductor.compile_fx.compile_fx_inner": "compiled updates go through torch.compile's public path, not "
