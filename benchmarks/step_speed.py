@@ -47,6 +47,7 @@ from torch import nn
 import adaptopt
 from adaptopt import execution
 from adaptopt.experiments.model import MnistCnn
+from adaptopt.quantization import QuantizedTensor
 
 CASES: dict[str, list[tuple[int, ...]]] = {
     "MNIST CNN (8 tensors, 431k)": [tuple(p.shape) for p in MnistCnn().parameters()],
@@ -329,11 +330,26 @@ def _peak_extra_bytes(step: Callable[[], Any]) -> int:
     return _resident("VmHWM:") - before
 
 
+def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor and low-bit code book entry of the optimizer's state (codes and scales)."""
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, QuantizedTensor):
+                total += value.nbytes
+            elif isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+    return total
+
+
 def memory_child(case: str, name: str, optimizer_name: str) -> None:
     bank = ParamBank(CASES[case])
     params = list(bank.weights)
     if MEMORY_MODES[name]:
-        optimizer: torch.optim.Optimizer = adaptopt.create(optimizer_name, params, execution=MEMORY_MODES[name])
+        # "adam@8bit": Adam with that state_dtype.
+        base_name, _, state_dtype = optimizer_name.partition("@")
+        options = {"state_dtype": state_dtype} if state_dtype else {}
+        optimizer: torch.optim.Optimizer = adaptopt.create(base_name, params, execution=MEMORY_MODES[name], **options)
     else:
         optimizer = torch.optim.Adam(params, fused=True)
     for _ in range(10):  # past RAdam's and AdaBelief's first steps, which skip the adaptive branch
@@ -346,22 +362,28 @@ def memory_child(case: str, name: str, optimizer_name: str) -> None:
         bank.loss().backward()
         peaks.append(_peak_extra_bytes(optimizer.step))
     largest = max(p.numel() * p.element_size() for p in params)
-    print(json.dumps({"extra_bytes": min(peaks), "largest_param_bytes": largest}))
+    state_per_param = _state_bytes(optimizer) / sum(p.numel() for p in params)
+    print(json.dumps({"extra_bytes": min(peaks), "largest_param_bytes": largest, "state_per_param": state_per_param}))
 
 
-def measure_memory(case: str) -> None:
-    print(f"\npeak extra memory during one step, {case}, in units of the largest param:")
-    print("| optimizer | " + " | ".join(MEMORY_MODES) + " |")
-    print("|---|" + "---|" * len(MEMORY_MODES))
+MEMORY_OPTIMIZERS = ["adam", "radam", "adabelief", "sophia", "adam@bfloat16", "adam@8bit", "adam@4bit", "lion@8bit"]
+"""`--memory`'s rows: optimizer names, with `@` a state_dtype (whose step the table measures on each path)."""
+
+
+def measure_memory(case: str, optimizer_names: list[str]) -> None:
+    print(f"\npeak extra memory during one step, {case}, in units of the largest param (state: bytes a param):")
+    print("| optimizer | " + " | ".join(MEMORY_MODES) + " | state |")
+    print("|---|" + "---|" * (len(MEMORY_MODES) + 1))
     environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    for optimizer_name in ["adam", "radam", "adabelief", "sophia"]:
-        cells = []
+    for optimizer_name in optimizer_names:
+        cells, state_per_param = [], 0.0
         for name in MEMORY_MODES:
             command = [sys.executable, __file__, "--memory-child", case, name, optimizer_name]
             output = subprocess.run(command, env=environment, capture_output=True, text=True, check=True).stdout
             report = json.loads(output.strip().splitlines()[-1])
             cells.append(f"{report['extra_bytes'] / report['largest_param_bytes']:.2f}")
-        print(f"| {optimizer_name} | " + " | ".join(cells) + " |")
+            state_per_param = report["state_per_param"] if name != "torch Adam fused" else state_per_param
+        print(f"| {optimizer_name} | " + " | ".join(cells) + f" | {state_per_param:.2f} |")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -412,6 +434,12 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, help="torch threads; 1 when other jobs load the cores (OpenMP barriers then stall)"
     )
+    parser.add_argument(
+        "--memory-optimizers",
+        nargs="*",
+        default=MEMORY_OPTIMIZERS,
+        help="rows of the memory table (name[@state_dtype])",
+    )
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -444,7 +472,7 @@ def main() -> None:
         print("\nThe whole iteration, zero_grad + backward (of a loss linear in the params) + step, same runs:\n")
         print_table(results, key="loop_median_ms")
     if not args.no_memory:
-        measure_memory("4 tensors of 4M")
+        measure_memory("4 tensors of 4M", args.memory_optimizers)
     if not args.no_epoch:
         measure_epoch(args.epoch_batches, args.epoch_repeats)
 
