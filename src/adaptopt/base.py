@@ -446,6 +446,8 @@ class GenericAdaptiveOptimizer(Optimizer):
             self.initialize_state(state, group, param)
             if self._buckets is not None:
                 self._buckets.adopt_state(param, state)
+        elif any(isinstance(value, Mapping) for value in state.values()):
+            _restore_saved_codes(state, param.device)
         if not self._stepping and any(isinstance(value, QuantizedTensor) for value in state.values()):
             self._decode_for_caller(state, group, as_real(param))
         return state
@@ -940,6 +942,27 @@ class GenericAdaptiveOptimizer(Optimizer):
             else:
                 loaded[key] = deepcopy(value)
         return loaded
+
+
+def _restore_saved_codes(state: State, device: torch.device) -> None:
+    """Turn the entries of `state` that hold saved codes (`QuantizedTensor.state_dict()`) back into
+    `QuantizedTensor`s on `device`.
+
+    ZeroRedundancyOptimizer.load_state_dict does not call the local optimizer's `load_state_dict`: it puts
+    each saved param state of its rank's share into `optim.state` as it is, so low-bit entries arrive in
+    their checkpoint form. They are taken as the codes they are (ZeRO loads every other entry unconverted
+    too); a dict that is not valid codes raises `ValueError` here, at the first step that reads it."""
+    for key, value in state.items():
+        if isinstance(value, Mapping) and set(value) == QUANTIZED_STATE_KEYS:
+            quantized = QuantizedTensor.from_state_dict(value)
+            state[key] = QuantizedTensor(
+                quantized.codes.to(device),
+                quantized.scales.to(device),
+                quantized.shape,
+                quantized.bits,
+                quantized.sign,
+                quantized.block_size,
+            )
 
 
 def _holds_codes(value: Any) -> bool:
