@@ -30,6 +30,7 @@ import torch
 
 import adaptopt
 from adaptopt.distributed import launch
+from adaptopt.quantization import QuantizedTensor
 from distributed_worker import (
     ADDED_GROUPS_CASE,
     ALL_CASES,
@@ -39,6 +40,8 @@ from distributed_worker import (
     EXECUTIONS,
     FSDP_CASES,
     FSDP_UNSUPPORTED,
+    LOW_BIT_CASES,
+    LOW_BIT_EXECUTIONS,
     STEPS,
     STEPS_BEFORE_CHECKPOINT,
     WORLD_SIZE,
@@ -84,14 +87,29 @@ def assert_close_tensors(actual: dict[Any, Any], expected: dict[Any, Any], what:
         torch.testing.assert_close(actual[key], value, rtol=RTOL, atol=ATOL, msg=lambda m, k=key: f"{what} {k}: {m}")
 
 
+def decoded(value: Any, what: str) -> Any:
+    """A saved state entry as a tensor: low-bit codes (`QuantizedTensor.state_dict()`) decoded, anything else as
+    it is. Codes of runs that differ by a few ulps of their gradients decode to values as close as the
+    gradients' (a code flips only where a value lies on the edge between two codes)."""
+    if isinstance(value, dict) and set(value) == {"codes", "scales", "shape", "bits", "map", "block_size"}:
+        assert value["codes"].dtype == torch.uint8, what
+        return QuantizedTensor.from_state_dict(value).dequantize(torch.float64)
+    return value
+
+
 def assert_close_state(actual: dict[int, dict[str, Any]], expected: dict[int, dict[str, Any]], what: str) -> None:
-    """Optimizer states agree: the same entries, equal step counts, close tensors."""
+    """Optimizer states agree: the same entries (in the same code formats), equal step counts, close tensors."""
     assert actual.keys() == expected.keys(), what
     for index, entry in expected.items():
-        assert actual[index].keys() == entry.keys(), f"{what} param {index}"
-        assert actual[index]["step"] == entry["step"], f"{what} param {index}"
-        tensors = {key: value for key, value in entry.items() if key != "step"}
-        assert_close_tensors({key: actual[index][key] for key in tensors}, tensors, f"{what} param {index}")
+        where = f"{what} param {index}"
+        assert actual[index].keys() == entry.keys(), where
+        assert actual[index]["step"] == entry["step"], where
+        for key, value in entry.items():
+            if isinstance(value, dict):  # codes: the same width, code book, block size and shape
+                formats = ("shape", "bits", "map", "block_size")
+                assert {f: actual[index][key][f] for f in formats} == {f: value[f] for f in formats}, f"{where} {key}"
+        tensors = {key: decoded(value, where) for key, value in entry.items() if key != "step"}
+        assert_close_tensors({key: decoded(actual[index][key], where) for key in tensors}, tensors, where)
 
 
 def assert_equal_tensors(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
@@ -194,6 +212,61 @@ def test_fsdp2_and_distributed_checkpoint(tmp_path: Path, references: dict[str, 
                         f"{key} rank {rank}: resumed state of param {index}",
                     )
                     assert run["resumed_state"][index]["step"] == entry["step"]
+
+
+def test_low_bit_state(tmp_path: Path, references: dict[str, Any]) -> None:
+    """8- and 4-bit state: DDP and ZeroRedundancyOptimizer equal one process, checkpoints included; FSDP2
+    refuses it before the optimizer records anything."""
+    ranks = launch_scenario("low_bit", tmp_path)
+    for case, execution in itertools.product(LOW_BIT_CASES, LOW_BIT_EXECUTIONS):
+        expected_params, expected_state = references[case.label]
+        bits = 8 if case.hyperparams["state_dtype"] == "8bit" else 4
+        # Every moment really is stored as codes of the width asked for, in one process as on the ranks.
+        assert all(entry[name]["bits"] == bits for entry in expected_state.values() for name in entry if name != "step")
+        for bucket_view, set_to_none in DDP_GRAD_MODES:
+            key = f"ddp/{case.label}/{execution}/bucket_view={bucket_view}/set_to_none={set_to_none}"
+            first, second = (results[key] for results in ranks)
+            assert first["wrapper"] == second["wrapper"] == "DistributedDataParallel"
+            assert_equal_tensors(second["params"], first["params"], f"{key}: rank 1 against rank 0")
+            assert_close_tensors(first["params"], expected_params, f"{key}: params")
+            assert_close_state(first["state"], expected_state, f"{key}: optimizer state")
+        for bucket_view in (False, True):
+            key = f"zero/{case.label}/{execution}/bucket_view={bucket_view}"
+            first, second = (results[key] for results in ranks)
+            assert all(first["local_params"]) and all(second["local_params"]), key
+            assert sum(first["local_params"]) + sum(second["local_params"]) == len(expected_params), key
+            assert_equal_tensors(second["params"], first["params"], f"{key}: rank 1 against rank 0")
+            assert_close_tensors(first["params"], expected_params, f"{key}: params")
+            # Consolidated from both ranks: every param's moments, as codes.
+            assert_close_state(first["state_dict"]["state"], expected_state, f"{key}: consolidated state")
+            for results in (first, second):
+                assert_equal_tensors(results["resumed_params"], first["params"], f"{key}: resumed run")
+                assert_equal_tensors(results["reloaded_params"], first["params"], f"{key}: reloaded run")
+            model = build_model()
+            model.load_state_dict(first["checkpoint_params"])
+            optimizer = case.build(model, execution)
+            optimizer.load_state_dict(first["checkpoint_state_dict"])
+            assert all(
+                isinstance(value, QuantizedTensor)
+                for state in optimizer.state.values()
+                for value in [state[name] for name in state if name != "step"]
+            )
+            train(model, optimizer, case, range(STEPS_BEFORE_CHECKPOINT, STEPS))
+            assert_close_tensors(dict(model.state_dict()), expected_params, f"{key}: single process from ZeRO's state")
+
+    for rank, results in enumerate(ranks):
+        for width in ("8bit", "4bit"):
+            for where in ("construction", "add_param_group"):
+                message = results[f"fsdp/{where}/{width}"]["error"]
+                assert f"state_dtype='{width}'" in message and "DTensor" in message, (rank, where, message)
+                assert "state_dtype=torch.bfloat16" in message, message
+            refused = results[f"fsdp/add_param_group/{width}"]
+            assert refused["groups"] == 1  # the group was not recorded ...
+            assert refused["state_after"].keys() == refused["state_before"].keys() == {0}  # ... nor its state
+            before, after = refused["state_before"][0], refused["state_after"][0]
+            assert after["step"] == before["step"] == 1
+            tensors = {key: value for key, value in before.items() if key != "step"}
+            assert_equal_tensors({key: after[key] for key in after if key != "step"}, tensors, f"rank {rank} {width}")
 
 
 def test_launch_reports_a_failing_rank_and_stops_the_hung_one() -> None:
