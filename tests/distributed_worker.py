@@ -574,6 +574,34 @@ def fail_on_rank_one() -> None:
     time.sleep(600)  # rank 0 hangs: launch must stop it instead of waiting
 
 
+def low_bit_on_single_rank_dtensors() -> dict[str, Any]:
+    """On a 1-rank mesh: a model whose params are DTensors sharded on dim 0, given low-bit state at construction,
+    and by hand to the group of an optimizer built without it (the check where state is created). The errors,
+    and the optimizer's state after the refused step."""
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (1,))
+    model = build_model()
+    params = [nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])) for p in model.parameters()]
+    results: dict[str, Any] = {}
+    try:
+        adaptopt.Adam(params, lr=1e-2, state_dtype="4bit")
+    except ValueError as error:
+        results["construction"] = str(error)
+    optimizer = adaptopt.Adam(params, lr=1e-2, low_bit_min_numel=0)
+    optimizer.param_groups[0]["state_dtype"] = "8bit"
+    for param in params:
+        param.grad = torch.ones_like(param)
+    before = [param.full_tensor().clone() for param in params]
+    try:
+        optimizer.step()
+    except ValueError as error:
+        results["step"] = str(error)
+    results["state_entries"] = [len(optimizer.state.get(param, {})) for param in params]
+    results["params_unchanged"] = all(torch.equal(p.full_tensor(), b) for p, b in zip(params, before, strict=True))
+    return results
+
+
 def sleep_past_timeout() -> None:
     time.sleep(600)
 

@@ -50,6 +50,7 @@ from distributed_worker import (
     build_model,
     covered_optimizers,
     fail_on_rank_one,
+    low_bit_on_single_rank_dtensors,
     run_scenario,
     single_process_run,
     sleep_past_timeout,
@@ -267,6 +268,15 @@ def test_low_bit_state(tmp_path: Path, references: dict[str, Any]) -> None:
             assert after["step"] == before["step"] == 1
             tensors = {key: value for key, value in before.items() if key != "step"}
             assert_equal_tensors({key: after[key] for key in after if key != "step"}, tensors, f"rank {rank} {width}")
+
+
+def test_low_bit_state_refuses_dtensors_on_a_single_rank() -> None:
+    results = launch(low_bit_on_single_rank_dtensors, 1, timeout=LAUNCH_TIMEOUT_SECONDS)
+    assert "state_dtype='4bit'" in results["construction"] and "DTensor" in results["construction"]
+    # A group made low-bit by hand is refused where the state would be created, before any of it is.
+    assert "state_dtype='8bit'" in results["step"]
+    assert results["state_entries"] == [0, 0, 0, 0]
+    assert results["params_unchanged"]
 
 
 def test_launch_reports_a_failing_rank_and_stops_the_hung_one() -> None:
