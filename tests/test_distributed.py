@@ -6,8 +6,10 @@ a free port) that run `distributed_worker.run_scenario`: every optimizer in `CAS
 matrices) or `FSDP_CASES` (FSDP2: `muon_with_adamw` with its Newton-Schulz in float64; `FSDP_UNSUPPORTED`
 would name any optimizer that fails on DTensor params, and names none), each rank taking half of every
 global batch. It compares what they end with against `single_process_run`: the same model trained on the
-whole batch in this process. One launch per scenario covers every optimizer, so the file costs five
-process-group start-ups (three scenarios and two of the launcher's failure modes).
+whole batch in this process. One launch per scenario covers every optimizer, so the file costs seven
+process-group start-ups (four scenarios, a 1-rank DTensor mesh and two of the launcher's failure modes).
+The "low_bit" scenario runs `LOW_BIT_CASES` (Adam and Lion with 8- and 4-bit state) under DDP and ZeRO, and
+checks that FSDP2 refuses low-bit state; the quantized moments are compared decoded (`decoded`).
 
 Tolerance. All runs are float64. A data-parallel gradient is the mean of the ranks' half-batch means, a
 single-process gradient the mean over the whole batch: the same numbers summed in a different order,
