@@ -161,7 +161,23 @@ FSDP_CASES: tuple[Case, ...] = tuple(
     FSDP_REPLACED.get(case.label, case) for case in CASES if case.label not in FSDP_UNSUPPORTED
 )
 """The cases of FSDP2."""
-ALL_CASES: tuple[Case, ...] = tuple({case.label: case for case in (*CASES, *ZERO_CASES, *FSDP_CASES)}.values())
+LOW_BIT_CASES: tuple[Case, ...] = tuple(
+    Case(
+        f"{case.label}_{width}",
+        case.optimizer_class,
+        {**case.hyperparams, "state_dtype": width, "low_bit_min_numel": 0},
+    )
+    for case in CASES
+    if case.label in ("adam", "lion")
+    for width in ("8bit", "4bit")
+)
+"""Adam and Lion with block-wise 8- and 4-bit moments, under DDP and ZeroRedundancyOptimizer (FSDP2 refuses them).
+`low_bit_min_numel=0` quantizes every moment: the model's tensors are far below the default 4096 elements."""
+LOW_BIT_EXECUTIONS = ("default", "reference")
+"""The low-bit groups: the fused low-bit path ("default") and the decode-step-encode loop ("reference")."""
+ALL_CASES: tuple[Case, ...] = tuple(
+    {case.label: case for case in (*CASES, *ZERO_CASES, *FSDP_CASES, *LOW_BIT_CASES)}.values()
+)
 
 
 ADDED_GROUPS_CASE = Case("adam_added_groups", adaptopt.Adam, dict(lr=1e-2, weight_decay=WeightDecay(0.1)))
@@ -317,8 +333,8 @@ def _full_state(state: dict[Any, dict[str, Any]]) -> dict[Any, dict[str, Any]]:
     return {index: {key: _full(value) for key, value in entry.items()} for index, entry in sorted(state.items())}
 
 
-def _runs(cases: tuple[Case, ...] = CASES) -> Iterator[tuple[str, Case, str]]:
-    for execution in EXECUTIONS:
+def _runs(cases: tuple[Case, ...] = CASES, executions: tuple[str, ...] = EXECUTIONS) -> Iterator[tuple[str, Case, str]]:
+    for execution in executions:
         for case in cases:
             yield f"{case.label}/{execution}", case, execution
 
@@ -353,7 +369,13 @@ def scenario_ddp(out: Path) -> dict[str, Any]:
             "params": _detached(model.state_dict()),
             "state": _full_state(per_param_state(optimizer.state_dict())),
         }
-    for key, case, execution in _runs():
+    return {**results, **_ddp_results(_runs())}
+
+
+def _ddp_results(runs: Iterator[tuple[str, Case, str]]) -> dict[str, Any]:
+    """The runs under DDP in each of DDP_GRAD_MODES: the wrapper, final params and optimizer state."""
+    results: dict[str, Any] = {}
+    for key, case, execution in runs:
         for bucket_view, set_to_none in DDP_GRAD_MODES:
             model = data_parallel(build_model(), gradient_as_bucket_view=bucket_view)
             optimizer = case.build(model, execution)
@@ -367,10 +389,29 @@ def scenario_ddp(out: Path) -> dict[str, Any]:
 
 
 def scenario_zero(out: Path) -> dict[str, Any]:
-    """DDP + ZeroRedundancyOptimizer(optimizer_class=adaptopt.X, **hyperparams), with and without
-    parameters_as_bucket_view (ZeRO's own contiguous buffers, which the params are views of).
+    """DDP + ZeroRedundancyOptimizer(optimizer_class=adaptopt.X, **hyperparams) (`_zero_results`), and the
+    case whose groups are added after construction."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
 
-    Per case: the params after STEPS uninterrupted steps; the consolidated state dict then (rank 0 only);
+    results = _zero_results(_runs(ZERO_CASES))
+    for execution in EXECUTIONS:
+        model = data_parallel(build_model())
+        make_zero = functools.partial(
+            ZeroRedundancyOptimizer,
+            optimizer_class=ADDED_GROUPS_CASE.optimizer_class,
+            **ADDED_GROUPS_CASE.kwargs(execution),
+        )
+        optimizer = with_added_groups(model, make_zero)
+        train(model, optimizer, ADDED_GROUPS_CASE, range(STEPS))
+        results[f"{ADDED_GROUPS_CASE.label}/{execution}"] = {"params": _detached(model.module.state_dict())}
+    return results
+
+
+def _zero_results(runs: Iterator[tuple[str, Case, str]]) -> dict[str, Any]:
+    """The runs under DDP + ZeroRedundancyOptimizer, with and without parameters_as_bucket_view (ZeRO's own
+    contiguous buffers, which the params are views of).
+
+    Per run: the params after STEPS uninterrupted steps; the consolidated state dict then (rank 0 only);
     and the params of a second run that was rebuilt from the consolidated state dict and the model's
     state dict at the checkpoint, loaded on every rank, and continued to STEPS.
     """
@@ -392,7 +433,7 @@ def scenario_zero(out: Path) -> dict[str, Any]:
         return model, optimizer
 
     results: dict[str, Any] = {}
-    for run_key, case, execution in _runs(ZERO_CASES):
+    for run_key, case, execution in runs:
         for bucket_view in (False, True):
             key = f"{run_key}/bucket_view={bucket_view}"
             model, optimizer = make(case, execution, bucket_view)
@@ -431,16 +472,6 @@ def scenario_zero(out: Path) -> dict[str, Any]:
                 "checkpoint_params": model_state,
                 "resumed_params": _detached(resumed_model.module.state_dict()),
             }
-    for execution in EXECUTIONS:
-        model = data_parallel(build_model())
-        make_zero = functools.partial(
-            ZeroRedundancyOptimizer,
-            optimizer_class=ADDED_GROUPS_CASE.optimizer_class,
-            **ADDED_GROUPS_CASE.kwargs(execution),
-        )
-        optimizer = with_added_groups(model, make_zero)
-        train(model, optimizer, ADDED_GROUPS_CASE, range(STEPS))
-        results[f"{ADDED_GROUPS_CASE.label}/{execution}"] = {"params": _detached(model.module.state_dict())}
     return results
 
 
@@ -496,6 +527,43 @@ def scenario_fsdp(out: Path) -> dict[str, Any]:
     return results
 
 
+def scenario_low_bit(out: Path) -> dict[str, Any]:
+    """LOW_BIT_CASES under DDP (`_ddp_results`, keys under "ddp/") and ZeroRedundancyOptimizer (`_zero_results`,
+    under "zero/"); and under FSDP2 (keys under "fsdp/") the error of an optimizer with low-bit state over the
+    sharded model, with what the optimizer holds after it: a group over the DTensor params given at
+    construction, and one added to an optimizer whose first group keeps plain fp32 state and has stepped."""
+    from torch.distributed.fsdp import fully_shard
+
+    runs = list(_runs(LOW_BIT_CASES, LOW_BIT_EXECUTIONS))
+    results = {f"ddp/{key}": value for key, value in _ddp_results(iter(runs)).items()}
+    results.update({f"zero/{key}": value for key, value in _zero_results(iter(runs)).items()})
+
+    model = build_model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    first_weight, *others = model.parameters()
+    for width in ("8bit", "4bit"):
+        try:
+            adaptopt.Adam(model.parameters(), lr=1e-2, state_dtype=width)
+        except ValueError as error:
+            results[f"fsdp/construction/{width}"] = {"error": str(error)}
+        optimizer = adaptopt.Adam([first_weight], lr=1e-2)
+        train(model, optimizer, LOW_BIT_CASES[0], range(1))
+        before = _full_state(per_param_state(optimizer.state_dict()))
+        try:
+            optimizer.add_param_group({"params": iter(others), "state_dtype": width, "low_bit_min_numel": 0})
+        except ValueError as error:
+            results[f"fsdp/add_param_group/{width}"] = {
+                "error": str(error),
+                "groups": len(optimizer.param_groups),
+                "state_before": before,
+                "state_after": _full_state(per_param_state(optimizer.state_dict())),
+            }
+    return results
+
+
 # --------------------------------------------------------------------------------------------------
 # Workers for adaptopt.distributed.launch: module-level, so that the spawned processes can import them.
 
@@ -506,6 +574,34 @@ def fail_on_rank_one() -> None:
     time.sleep(600)  # rank 0 hangs: launch must stop it instead of waiting
 
 
+def low_bit_on_single_rank_dtensors() -> dict[str, Any]:
+    """On a 1-rank mesh: a model whose params are DTensors sharded on dim 0, given low-bit state at construction,
+    and by hand to the group of an optimizer built without it (the check where state is created). The errors,
+    and the optimizer's state after the refused step."""
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (1,))
+    model = build_model()
+    params = [nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])) for p in model.parameters()]
+    results: dict[str, Any] = {}
+    try:
+        adaptopt.Adam(params, lr=1e-2, state_dtype="4bit")
+    except ValueError as error:
+        results["construction"] = str(error)
+    optimizer = adaptopt.Adam(params, lr=1e-2, low_bit_min_numel=0)
+    optimizer.param_groups[0]["state_dtype"] = "8bit"
+    for param in params:
+        param.grad = torch.ones_like(param)
+    before = [param.full_tensor().clone() for param in params]
+    try:
+        optimizer.step()
+    except ValueError as error:
+        results["step"] = str(error)
+    results["state_entries"] = [len(optimizer.state.get(param, {})) for param in params]
+    results["params_unchanged"] = all(torch.equal(p.full_tensor(), b) for p, b in zip(params, before, strict=True))
+    return results
+
+
 def sleep_past_timeout() -> None:
     time.sleep(600)
 
@@ -514,6 +610,7 @@ SCENARIOS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "ddp": scenario_ddp,
     "zero": scenario_zero,
     "fsdp": scenario_fsdp,
+    "low_bit": scenario_low_bit,
 }
 
 

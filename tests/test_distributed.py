@@ -6,8 +6,10 @@ a free port) that run `distributed_worker.run_scenario`: every optimizer in `CAS
 matrices) or `FSDP_CASES` (FSDP2: `muon_with_adamw` with its Newton-Schulz in float64; `FSDP_UNSUPPORTED`
 would name any optimizer that fails on DTensor params, and names none), each rank taking half of every
 global batch. It compares what they end with against `single_process_run`: the same model trained on the
-whole batch in this process. One launch per scenario covers every optimizer, so the file costs five
-process-group start-ups (three scenarios and two of the launcher's failure modes).
+whole batch in this process. One launch per scenario covers every optimizer, so the file costs seven
+process-group start-ups (four scenarios, a 1-rank DTensor mesh and two of the launcher's failure modes).
+The "low_bit" scenario runs `LOW_BIT_CASES` (Adam and Lion with 8- and 4-bit state) under DDP and ZeRO, and
+checks that FSDP2 refuses low-bit state; the quantized moments are compared decoded (`decoded`).
 
 Tolerance. All runs are float64. A data-parallel gradient is the mean of the ranks' half-batch means, a
 single-process gradient the mean over the whole batch: the same numbers summed in a different order,
@@ -30,6 +32,7 @@ import torch
 
 import adaptopt
 from adaptopt.distributed import launch
+from adaptopt.quantization import QuantizedTensor
 from distributed_worker import (
     ADDED_GROUPS_CASE,
     ALL_CASES,
@@ -39,6 +42,8 @@ from distributed_worker import (
     EXECUTIONS,
     FSDP_CASES,
     FSDP_UNSUPPORTED,
+    LOW_BIT_CASES,
+    LOW_BIT_EXECUTIONS,
     STEPS,
     STEPS_BEFORE_CHECKPOINT,
     WORLD_SIZE,
@@ -47,6 +52,7 @@ from distributed_worker import (
     build_model,
     covered_optimizers,
     fail_on_rank_one,
+    low_bit_on_single_rank_dtensors,
     run_scenario,
     single_process_run,
     sleep_past_timeout,
@@ -84,14 +90,29 @@ def assert_close_tensors(actual: dict[Any, Any], expected: dict[Any, Any], what:
         torch.testing.assert_close(actual[key], value, rtol=RTOL, atol=ATOL, msg=lambda m, k=key: f"{what} {k}: {m}")
 
 
+def decoded(value: Any, what: str) -> Any:
+    """A saved state entry as a tensor: low-bit codes (`QuantizedTensor.state_dict()`) decoded, anything else as
+    it is. Codes of runs that differ by a few ulps of their gradients decode to values as close as the
+    gradients' (a code flips only where a value lies on the edge between two codes)."""
+    if isinstance(value, dict) and set(value) == {"codes", "scales", "shape", "bits", "map", "block_size"}:
+        assert value["codes"].dtype == torch.uint8, what
+        return QuantizedTensor.from_state_dict(value).dequantize(torch.float64)
+    return value
+
+
 def assert_close_state(actual: dict[int, dict[str, Any]], expected: dict[int, dict[str, Any]], what: str) -> None:
-    """Optimizer states agree: the same entries, equal step counts, close tensors."""
+    """Optimizer states agree: the same entries (in the same code formats), equal step counts, close tensors."""
     assert actual.keys() == expected.keys(), what
     for index, entry in expected.items():
-        assert actual[index].keys() == entry.keys(), f"{what} param {index}"
-        assert actual[index]["step"] == entry["step"], f"{what} param {index}"
-        tensors = {key: value for key, value in entry.items() if key != "step"}
-        assert_close_tensors({key: actual[index][key] for key in tensors}, tensors, f"{what} param {index}")
+        where = f"{what} param {index}"
+        assert actual[index].keys() == entry.keys(), where
+        assert actual[index]["step"] == entry["step"], where
+        for key, value in entry.items():
+            if isinstance(value, dict):  # codes: the same width, code book, block size and shape
+                formats = ("shape", "bits", "map", "block_size")
+                assert {f: actual[index][key][f] for f in formats} == {f: value[f] for f in formats}, f"{where} {key}"
+        tensors = {key: decoded(value, where) for key, value in entry.items() if key != "step"}
+        assert_close_tensors({key: decoded(actual[index][key], where) for key in tensors}, tensors, where)
 
 
 def assert_equal_tensors(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
@@ -194,6 +215,70 @@ def test_fsdp2_and_distributed_checkpoint(tmp_path: Path, references: dict[str, 
                         f"{key} rank {rank}: resumed state of param {index}",
                     )
                     assert run["resumed_state"][index]["step"] == entry["step"]
+
+
+def test_low_bit_state(tmp_path: Path, references: dict[str, Any]) -> None:
+    """8- and 4-bit state: DDP and ZeroRedundancyOptimizer equal one process, checkpoints included; FSDP2
+    refuses it before the optimizer records anything."""
+    ranks = launch_scenario("low_bit", tmp_path)
+    for case, execution in itertools.product(LOW_BIT_CASES, LOW_BIT_EXECUTIONS):
+        expected_params, expected_state = references[case.label]
+        bits = 8 if case.hyperparams["state_dtype"] == "8bit" else 4
+        # Every moment really is stored as codes of the width asked for, in one process as on the ranks.
+        assert all(entry[name]["bits"] == bits for entry in expected_state.values() for name in entry if name != "step")
+        for bucket_view, set_to_none in DDP_GRAD_MODES:
+            key = f"ddp/{case.label}/{execution}/bucket_view={bucket_view}/set_to_none={set_to_none}"
+            first, second = (results[key] for results in ranks)
+            assert first["wrapper"] == second["wrapper"] == "DistributedDataParallel"
+            assert_equal_tensors(second["params"], first["params"], f"{key}: rank 1 against rank 0")
+            assert_close_tensors(first["params"], expected_params, f"{key}: params")
+            assert_close_state(first["state"], expected_state, f"{key}: optimizer state")
+        for bucket_view in (False, True):
+            key = f"zero/{case.label}/{execution}/bucket_view={bucket_view}"
+            first, second = (results[key] for results in ranks)
+            assert all(first["local_params"]) and all(second["local_params"]), key
+            assert sum(first["local_params"]) + sum(second["local_params"]) == len(expected_params), key
+            assert_equal_tensors(second["params"], first["params"], f"{key}: rank 1 against rank 0")
+            assert_close_tensors(first["params"], expected_params, f"{key}: params")
+            # Consolidated from both ranks: every param's moments, as codes.
+            assert_close_state(first["state_dict"]["state"], expected_state, f"{key}: consolidated state")
+            for results in (first, second):
+                assert_equal_tensors(results["resumed_params"], first["params"], f"{key}: resumed run")
+                assert_equal_tensors(results["reloaded_params"], first["params"], f"{key}: reloaded run")
+            model = build_model()
+            model.load_state_dict(first["checkpoint_params"])
+            optimizer = case.build(model, execution)
+            optimizer.load_state_dict(first["checkpoint_state_dict"])
+            assert all(
+                isinstance(value, QuantizedTensor)
+                for state in optimizer.state.values()
+                for value in [state[name] for name in state if name != "step"]
+            )
+            train(model, optimizer, case, range(STEPS_BEFORE_CHECKPOINT, STEPS))
+            assert_close_tensors(dict(model.state_dict()), expected_params, f"{key}: single process from ZeRO's state")
+
+    for rank, results in enumerate(ranks):
+        for width in ("8bit", "4bit"):
+            for where in ("construction", "add_param_group"):
+                message = results[f"fsdp/{where}/{width}"]["error"]
+                assert f"state_dtype='{width}'" in message and "DTensor" in message, (rank, where, message)
+                assert "state_dtype=torch.bfloat16" in message, message
+            refused = results[f"fsdp/add_param_group/{width}"]
+            assert refused["groups"] == 1  # the group was not recorded ...
+            assert refused["state_after"].keys() == refused["state_before"].keys() == {0}  # ... nor its state
+            before, after = refused["state_before"][0], refused["state_after"][0]
+            assert after["step"] == before["step"] == 1
+            tensors = {key: value for key, value in before.items() if key != "step"}
+            assert_equal_tensors({key: after[key] for key in after if key != "step"}, tensors, f"rank {rank} {width}")
+
+
+def test_low_bit_state_refuses_dtensors_on_a_single_rank() -> None:
+    results = launch(low_bit_on_single_rank_dtensors, 1, timeout=LAUNCH_TIMEOUT_SECONDS)
+    assert "state_dtype='4bit'" in results["construction"] and "DTensor" in results["construction"]
+    # A group made low-bit by hand is refused where the state would be created, before any of it is.
+    assert "state_dtype='8bit'" in results["step"]
+    assert results["state_entries"] == [0, 0, 0, 0]
+    assert results["params_unchanged"]
 
 
 def test_launch_reports_a_failing_rank_and_stops_the_hung_one() -> None:

@@ -344,8 +344,12 @@ class GenericAdaptiveOptimizer(Optimizer):
             param_group = {**param_group, "state_dtype": storage_dtype_name(param_group["state_dtype"])}
         fresh = {key: value for key, value in self.group_state.items() if key not in self.defaults}
         param_group = {**deepcopy(fresh), **param_group}
+        params = param_group.get("params")
+        if isinstance(params, Iterable) and not isinstance(params, (torch.Tensor, set, list, tuple)):
+            param_group = {**param_group, "params": list(params)}  # a generator, read once here and by torch
         validate_group({**self.defaults, **param_group})
         validate_checks(self.own_checks, {**self.defaults, **param_group})
+        _refuse_low_bit_dtensors({**self.defaults, **param_group})
         super().add_param_group(param_group)
 
     # ----------------------------------------------------------------------------------------------
@@ -446,6 +450,8 @@ class GenericAdaptiveOptimizer(Optimizer):
             self.initialize_state(state, group, param)
             if self._buckets is not None:
                 self._buckets.adopt_state(param, state)
+        elif any(isinstance(value, Mapping) for value in state.values()):
+            _restore_saved_codes(state, param.device)
         if not self._stepping and any(isinstance(value, QuantizedTensor) for value in state.values()):
             self._decode_for_caller(state, group, as_real(param))
         return state
@@ -604,6 +610,8 @@ class GenericAdaptiveOptimizer(Optimizer):
         `load_state_dict` calls this on a meta-device param to learn the names, shapes and dtypes (or code
         formats) it must find in a checkpoint.
         """
+        # Before anything is created: a group whose state_dtype was made low-bit by hand since add_param_group.
+        _refuse_low_bit_dtensors({**group, "params": [param]})
         state["step"] = 0
         real = as_real(param)
         work_dtype = _working_dtype(real.dtype)
@@ -940,6 +948,60 @@ class GenericAdaptiveOptimizer(Optimizer):
             else:
                 loaded[key] = deepcopy(value)
         return loaded
+
+
+def _is_dtensor(param: object) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(param, DTensor)
+
+
+def _refuse_low_bit_dtensors(group: Mapping[str, Any]) -> None:
+    """`ValueError` for a group with "8bit"/"4bit" state and a DTensor param (FSDP2's `fully_shard`, tensor
+    parallelism), before the optimizer records the group or creates state.
+
+    The codes and block scales of a shard would be plain tensors of the rank's local rows: torch.distributed.
+    checkpoint could neither save them as parts of one tensor nor reshard them, and the blocks (256 or 128
+    elements of the flattened local shard) would not be the blocks of the whole tensor, so a run would depend
+    on the number of ranks. Plain params under DDP and ZeroRedundancyOptimizer (whole params per rank) are
+    not affected."""
+    name = group.get("state_dtype")
+    if name not in LOW_BIT_STATES:
+        return
+    params = group["params"]
+    params = [params] if isinstance(params, torch.Tensor) else params
+    sharded = [index for index, param in enumerate(params) if _is_dtensor(param)]
+    if sharded:
+        raise ValueError(
+            f"state_dtype={name!r} does not support DTensor params (FSDP2's fully_shard, tensor parallelism): "
+            f"params {sharded} of the group are DTensors, whose low-bit codes would be per-shard blocks that "
+            "torch.distributed.checkpoint cannot save or reshard. Put the sharded params in a group with "
+            "state_dtype=torch.bfloat16 or without state_dtype, or use low-bit state only for params that are "
+            "not sharded (DDP and ZeroRedundancyOptimizer support it)"
+        )
+
+
+def _restore_saved_codes(state: State, device: torch.device) -> None:
+    """Turn the entries of `state` that hold saved codes (`QuantizedTensor.state_dict()`) back into
+    `QuantizedTensor`s on `device`.
+
+    ZeroRedundancyOptimizer.load_state_dict does not call the local optimizer's `load_state_dict`: it puts
+    each saved param state of its rank's share into `optim.state` as it is, so low-bit entries arrive in
+    their checkpoint form. They are taken as the codes they are (ZeRO loads every other entry unconverted
+    too); a dict that is not valid codes raises `ValueError` here, at the first step that reads it."""
+    for key, value in state.items():
+        if isinstance(value, Mapping) and set(value) == QUANTIZED_STATE_KEYS:
+            quantized = QuantizedTensor.from_state_dict(value)
+            state[key] = QuantizedTensor(
+                quantized.codes.to(device),
+                quantized.scales.to(device),
+                quantized.shape,
+                quantized.bits,
+                quantized.sign,
+                quantized.block_size,
+            )
 
 
 def _holds_codes(value: Any) -> bool:
