@@ -44,7 +44,7 @@ import operator
 import platform
 import sys
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from .base import Group, Scalars
     from .execution import Steppable
 
-__all__ = ["CompiledReduction", "CompiledUpdate", "compilation_supported"]
+__all__ = ["CompiledReduction", "CompiledUpdate", "compilation_supported", "constants_key"]
 
 SELF_TEST_LENGTH = 64
 """Elements of the scratch inputs on which a directly called kernel must match `torch.compile`'s path."""
@@ -194,6 +194,25 @@ class _RowKernel(NamedTuple):
             ROW_SPLIT_GRAIN,
             threads,
         )
+
+
+def constants_key(optimizer: Steppable, group: Group, scalars: Scalars, place: tuple[Any, ...]) -> Hashable | None:
+    """What a compiled update depends on besides its tensors and float scalars: `place` (dtype, device, the
+    state's layout), the kinds and fixed values of `scalars`, and the group's `compile_constants`; None if
+    that is unhashable."""
+    key = (
+        *place,
+        tuple((name, float if isinstance(value, float) else value) for name, value in scalars.items()),
+        tuple(
+            (name, tuple(value) if isinstance(value, list) else value)
+            for name, value in optimizer.compile_constants(group).items()
+        ),
+    )
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def compilation_supported() -> bool:

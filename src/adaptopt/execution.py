@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from . import torch_internals as internals
-from .compiled import CompiledReduction, CompiledUpdate, compilation_supported
+from .compiled import CompiledReduction, CompiledUpdate, compilation_supported, constants_key
 from .functional import TensorExtents
 from .low_bit_execution import LowBitExecution
 from .memory import as_bucket_buffer, bucket_buffer
@@ -827,21 +827,8 @@ class BucketedExecution:
 
     def _constants_key(self, group: Group, bucket: Bucket, scalars: Scalars) -> Hashable | None:
         """What a compiled update depends on besides its tensors and float scalars; None if it is unhashable."""
-        key = (
-            bucket.flat_param.dtype,
-            bucket.flat_param.device,
-            tuple(bucket.state_buffers),
-            tuple((name, float if isinstance(value, float) else value) for name, value in scalars.items()),
-            tuple(
-                (name, tuple(value) if isinstance(value, list) else value)
-                for name, value in self.optimizer.compile_constants(group).items()
-            ),
-        )
-        try:
-            hash(key)
-        except TypeError:
-            return None
-        return key
+        place = (bucket.flat_param.dtype, bucket.flat_param.device, tuple(bucket.state_buffers))
+        return constants_key(self.optimizer, group, scalars, place)
 
     # ------------------------------------------------------------------------------------------------
     # zero_grad(set_to_none=False)

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import torch_internals as internals
-from .compiled import compilation_supported
+from .compiled import compilation_supported, constants_key
 from .quantization import (
     QuantizedTensor,
     dequantize_blocks,
@@ -393,19 +393,5 @@ class LowBitExecution:
         plain_keys: list[str],
         scalars: Scalars,
     ) -> Hashable | None:
-        key = (
-            param.dtype,
-            param.device,
-            tuple(formats.items()),
-            tuple(plain_keys),
-            tuple((name, float if isinstance(value, float) else value) for name, value in scalars.items()),
-            tuple(
-                (name, tuple(value) if isinstance(value, list) else value)
-                for name, value in self.optimizer.compile_constants(group).items()
-            ),
-        )
-        try:
-            hash(key)
-        except TypeError:
-            return None
-        return key
+        place = (param.dtype, param.device, tuple(formats.items()), tuple(plain_keys))
+        return constants_key(self.optimizer, group, scalars, place)
