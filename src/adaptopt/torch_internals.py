@@ -244,31 +244,27 @@ def dynamo_supported() -> bool:
         return hasattr(torch, "compile")
 
 
-def mark_dynamic(tensor: torch.Tensor, dim: int) -> bool:
-    """Mark `tensor`'s `dim` as of dynamic size for dynamo; False where that is not possible."""
-    mark = lookup("torch._dynamo.mark_dynamic")
+def _mark(name: str, tensor: torch.Tensor, dim: int) -> bool:
+    mark = lookup(name)
     if mark is None:
         return False
     try:
         mark(tensor, dim)
     except Exception as error:
-        lose("torch._dynamo.mark_dynamic", f"{type(error).__name__}: {error}")
+        lose(name, f"{type(error).__name__}: {error}")
         return False
     return True
+
+
+def mark_dynamic(tensor: torch.Tensor, dim: int) -> bool:
+    """Mark `tensor`'s `dim` as of dynamic size for dynamo; False where that is not possible."""
+    return _mark("torch._dynamo.mark_dynamic", tensor, dim)
 
 
 def maybe_mark_dynamic(tensor: torch.Tensor, dim: int) -> bool:
     """Mark `tensor`'s `dim` as possibly dynamic: dynamo may still find it equal to another size, or specialise
     it, without an error (unlike `mark_dynamic`). False where that is not possible."""
-    mark = lookup("torch._dynamo.maybe_mark_dynamic")
-    if mark is None:
-        return False
-    try:
-        mark(tensor, dim)
-    except Exception as error:
-        lose("torch._dynamo.maybe_mark_dynamic", f"{type(error).__name__}: {error}")
-        return False
-    return True
+    return _mark("torch._dynamo.maybe_mark_dynamic", tensor, dim)
 
 
 def inductor_setting_available(setting: str) -> bool:
