@@ -336,8 +336,14 @@ def test_adam_quantizes_exactly_the_tensors_at_or_over_the_threshold(
 # Against torchao's AdamW8bit
 
 
-def test_adam_8bit_follows_torchao_adamw8bit() -> None:
+def test_adam_8bit_follows_torchao_adamw8bit(monkeypatch: pytest.MonkeyPatch) -> None:
     torchao_optim = pytest.importorskip("torchao.optim")
+    from torchao.optim import subclass_8bit
+
+    # Our unsigned 8-bit map has no zero, theirs does (test_a_second_moment_that_torchao_stores_as_zero_...):
+    # give torchao ours, so that what is compared is the optimizer built on it.
+    ours_unsigned = quantization_map(8, "unsigned").tolist()
+    monkeypatch.setattr(subclass_8bit, "get_qmap_unsigned", lambda: ours_unsigned)
     # torchao quantizes only tensors of >= 4096 elements that are whole blocks of 256: both are here, and
     # the 64-element bias stays fp32 in both.
     torch.manual_seed(0)
@@ -387,6 +393,41 @@ def test_adam_8bit_follows_torchao_adamw8bit() -> None:
         assert gap <= bound, f"param {index}: {gap:.3e} from torchao, over {bound:.3e}"
         if index == 0:
             assert float((mine - full).detach().abs().max()) > 100 * bound, "fp32 state is far off"
+
+
+def test_a_second_moment_that_torchao_stores_as_zero_does_not_blow_up_the_step() -> None:
+    """The zero-point problem (Li et al. 2023, §4.1), which made Adam with torchao's 8-bit code books diverge
+    on the MNIST CNN. One block of 256 where one gradient is 1 and the others 1e-4: their v is 1e-8 of the
+    block's largest, below half the smallest nonzero code of the dynamic map (3.25e-7), while their m, 1e-4
+    of the largest, has codes near it. torchao stores v = 0 and, at the next step (gradient 0), moves those
+    weights by lr * m / eps; our map without zero moves them by less than fp32 Adam does."""
+    torchao_optim = pytest.importorskip("torchao.optim")
+    lr = 1e-3
+    first_grad = torch.full((4096,), 1e-4)
+    first_grad[::256] = 1.0
+    moved = {}
+    for name in ("ours", "torchao", "fp32"):
+        param = torch.nn.Parameter(torch.zeros(4096))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.compile's notes about torchao's tensor subclass
+            if name == "torchao":
+                optimizer: torch.optim.Optimizer = torchao_optim.AdamW8bit([param], lr=lr, weight_decay=0.0)
+            else:
+                state_dtype = "8bit" if name == "ours" else None
+                optimizer = adaptopt.Adam([param], lr=lr, weight_decay=0.0, state_dtype=state_dtype)
+            for grad in (first_grad, torch.zeros(4096)):
+                before = param.detach().clone()
+                param.grad = grad.clone()
+                optimizer.step()
+        moved[name] = float((param.detach() - before).abs().max())
+    # fp32 Adam's second step, for every element alike (each is its gradient g times the same ratio):
+    # m_hat / sqrt(v_hat) = (0.9 * 0.1 g / 0.19) / sqrt(0.999 * 0.001 g^2 / 0.001999) = 0.670 (eps aside).
+    second_step = (0.9 * 0.1 / (1 - 0.9**2)) / (0.999 * 0.001 / (1 - 0.999**2)) ** 0.5
+    assert moved["fp32"] == pytest.approx(lr * second_step, rel=1e-4)  # eps = 1e-8 against sqrt(v_hat) >= 7e-5
+    # Ours: the blocks' largest elements code exactly (normalized to 1), the small ones' v rounds up to
+    # 5.5e-8 of the largest, so they move less. 1e-6 relative for the float32 arithmetic of the largest.
+    assert moved["ours"] <= moved["fp32"] * (1 + 1e-6), moved
+    assert moved["torchao"] > 1e3 * lr, f"torchao's zero no longer blows up this step: {moved}"
 
 
 # --------------------------------------------------------------------------------------------------

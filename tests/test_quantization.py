@@ -46,6 +46,7 @@ from adaptopt.quantization import (
     quantize,
     quantize_blockwise,
     quantized_nbytes,
+    search_table,
     select_map,
     unpack_nibbles,
 )
@@ -158,14 +159,34 @@ def test_maps_are_torchaos_bit_for_bit() -> None:
     }
     for (bits, sign), values in expected.items():
         ours = quantization_map(bits, sign)
+        theirs = torch.tensor(values, dtype=torch.float32)
         assert ours.dtype == torch.float32 and ours.shape == (2**bits,)
-        assert_same_bits(ours, torch.tensor(values, dtype=torch.float32))
+        if (bits, sign) == (8, "unsigned"):
+            # Ours has no zero (Li et al. 2023, §4.1): torchao's 0 becomes one decade below the tree's lowest.
+            assert theirs[0].item() == 0.0 and ours[0].item() == pytest.approx(1e-7 * 0.55, rel=4 * F32_EPS)
+            theirs[0] = ours[0]
         assert bool((ours[1:] > ours[:-1]).all()), "a code book must be strictly increasing"
+        assert_same_bits(ours, theirs)
+
+
+def test_unsigned_maps_have_no_zero() -> None:
+    """Li et al. 2023, §4.1: a second moment must never decode to 0 (Adam would step by m / eps). Not even
+    where the whole block is 0, or the value far below the block's largest."""
+    for bits in (8, 4):
+        code_map = quantization_map(bits, "unsigned")
+        assert float(code_map.min()) > 0
+        values = torch.tensor([0.0] * 256 + [1.0] + [1e-9] * 255)
+        codes, scales = quantize_blockwise(values, code_map, 256)
+        decoded = dequantize_blockwise(codes, scales, code_map, 256)
+        assert bool((decoded > 0).all()), bits
+        assert float(decoded[257]) == float(code_map.min()), "rounds up to the smallest code, not down to 0"
 
 
 def test_maps_are_bitsandbytes_bit_for_bit() -> None:
-    for signed in (True, False):
-        assert_same_bits(quantization_map(8, "signed" if signed else "unsigned"), bnb.create_dynamic_map(signed=signed))
+    assert_same_bits(quantization_map(8, "signed"), bnb.create_dynamic_map(signed=True))
+    unsigned = bnb.create_dynamic_map(signed=False)
+    assert unsigned[0].item() == 0.0  # ours has no zero: see test_maps_are_torchaos_bit_for_bit
+    assert_same_bits(quantization_map(8, "unsigned")[1:], unsigned[1:])
     # bitsandbytes pads the 16 codes of a 4-bit map with 240 zeros to 256: the 7 negative codes sort first,
     # then the 241 zeros, then the 8 positive ones.
     padded = bnb.create_dynamic_map(signed=True, max_exponent_bits=3, total_bits=4)
@@ -179,7 +200,7 @@ def test_maps_are_pinned_for_checkpoints() -> None:
     codes to other values. These digests are of the float32 bytes that torchao and bitsandbytes produce."""
     digests = {
         (8, "signed"): "e732639a65f497b4ad684bb166a4467708255edd5207757de8b8f0c7e1fda89c",
-        (8, "unsigned"): "305f002cc11278fb769d13b25b9fd0c7c83c8402c40a878fe086f4039fde6398",
+        (8, "unsigned"): "284627ec834de2ed9ae7938ba0c678234eb451b01f5cb053274000998db5b821",
         (4, "signed"): "721d11e3711326d4ab3439ccf09b717be5c5fac8a780691f145d2fb797c16400",
         (4, "unsigned"): "0aeb670b8c9b6b0f9ea49ba61cdd207098035a60f95d742a4cf48bbde867f889",
     }
@@ -267,6 +288,9 @@ def test_state_tensors_are_torchaos_optim_states(bits: Bits, sign: MapSign) -> N
         values = values.abs()
     state_class = OptimState8bit if bits == 8 else OptimState4bit
     theirs = state_class.zeros(values.shape, signed=sign == "signed", block_size=DEFAULT_BLOCK_SIZES[bits])
+    # torchao's tensors carry their code book: give them ours, whose only difference is the 8-bit unsigned
+    # map's zero (test_maps_are_torchaos_bit_for_bit), so that what is compared is the quantization itself.
+    theirs.qmap = quantization_map(bits, sign)
     theirs.copy_(values)
     ours = quantize(values, bits=bits, sign=sign)
     assert_same_bits(ours.codes, theirs.codes)
@@ -405,9 +429,48 @@ def test_every_float32_near_every_midpoint_rounds_as_torchao(bits: Bits, sign: M
 
 
 @pytest.mark.parametrize(("bits", "sign"), MAPS, ids=MAP_IDS)
+def test_search_table_finds_the_codes_the_search_finds(bits: Bits, sign: MapSign) -> None:
+    """The prefix table (`search_table`) against `searchsorted`, on every one of its 65536 prefixes: the
+    prefix's smallest and largest float32 numbers and 8 random ones between, every code and its float32
+    neighbours (where the table's one comparison decides), the numbers near every midpoint (where the rounding
+    decides), and the special values. Codes equal, also for NaN; then the same through `quantize_blockwise`."""
+    from adaptopt.quantization import _largest_code_at_most, _nearest_codes
+
+    code_map, block_size = quantization_map(bits, sign), DEFAULT_BLOCK_SIZES[bits]
+    table = search_table(code_map)
+    assert table is not None, "all four code books are sparse enough for the table"
+    generator = torch.Generator().manual_seed(3)
+    prefixes = (torch.arange(65536, dtype=torch.int64) - 32768) << 16
+    offsets = torch.cat([torch.tensor([0, 0xFFFF]), torch.randint(1, 0xFFFF, (8,), generator=generator)])
+    everywhere = (prefixes.unsqueeze(1) + offsets).to(torch.int32).view(torch.float32).reshape(-1)
+    code_bits = code_map.view(torch.int32).unsqueeze(1)
+    at_codes = (code_bits + torch.arange(-2, 3, dtype=torch.int32)).view(torch.float32).reshape(-1)
+    midpoints = ((code_map[1:].double() + code_map[:-1].double()) / 2).float().view(torch.int32).unsqueeze(1)
+    near_midpoints = (midpoints + torch.arange(-4, 5, dtype=torch.int32)).view(torch.float32).reshape(-1)
+    special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1.0, -1.0, float("inf"), float("-inf"), float("nan")])
+    probes = torch.cat([everywhere, at_codes, -at_codes, near_midpoints, -near_midpoints, special])
+    # The index below, not only the nearest code: a table one too low most often still finds the right code
+    # (the rounding step goes up to it), so comparing codes alone would miss most of its faults.
+    assert_same_bits(_largest_code_at_most(probes, code_map, table), _largest_code_at_most(probes, code_map))
+    assert_same_bits(_nearest_codes(probes, code_map, table), _nearest_codes(probes, code_map))
+    in_blocks = probes[probes.isfinite() & (probes.abs() <= 1)]
+    assert_same_bits(
+        quantize_blockwise(in_blocks, code_map, block_size, table)[0],
+        quantize_blockwise(in_blocks, code_map, block_size)[0],
+    )
+
+
+def test_search_table_refuses_a_dense_code_book() -> None:
+    """Two codes within one prefix (relative width 2^-7) cannot be told apart by one comparison: no table."""
+    assert search_table(torch.linspace(0.5, 0.51, 256)) is None
+    assert search_table(torch.linspace(-1.0, 1.0, 256)) is not None
+
+
+@pytest.mark.parametrize(("bits", "sign"), MAPS, ids=MAP_IDS)
 def test_zero_blocks_decode_without_nan(bits: Bits, sign: MapSign) -> None:
     """An all-zero block (here the middle one, and a partial last one) gets the scale 1e-12 and decodes to
-    the code nearest 0 times 1e-12: exactly 0 for the 8-bit maps, 1e-12/16 for the map without zero."""
+    the code nearest 0 times 1e-12: exactly 0 for the signed maps, 5.5e-20 and 1e-12/16 for the unsigned ones
+    (no zero)."""
     values = torch.randn(3 * DEFAULT_BLOCK_SIZES[bits] + 5)
     block_size = DEFAULT_BLOCK_SIZES[bits]
     values[block_size : 2 * block_size] = 0
@@ -416,7 +479,7 @@ def test_zero_blocks_decode_without_nan(bits: Bits, sign: MapSign) -> None:
     decoded = quantized.dequantize()
     floor = torch.tensor(SCALE_FLOOR, dtype=torch.float32)
     assert quantized.scales[1] == floor and quantized.scales[3] == floor
-    expected_zero = (floor / 16).item() if (bits, sign) == (4, "unsigned") else 0.0
+    expected_zero = 0.0 if sign == "signed" else (floor * quantization_map(bits, sign)[0]).item()
     for zero_block in (decoded[block_size : 2 * block_size], decoded[3 * block_size :]):
         assert torch.isfinite(zero_block).all()
         assert bool((zero_block == expected_zero).all())
