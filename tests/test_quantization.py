@@ -46,6 +46,7 @@ from adaptopt.quantization import (
     quantize,
     quantize_blockwise,
     quantized_nbytes,
+    rounding_boundaries,
     search_table,
     select_map,
     unpack_nibbles,
@@ -432,9 +433,9 @@ def test_every_float32_near_every_midpoint_rounds_as_torchao(bits: Bits, sign: M
 def test_search_table_finds_the_codes_the_search_finds(bits: Bits, sign: MapSign) -> None:
     """The prefix table (`search_table`) against `searchsorted`, on every one of its 65536 prefixes: the
     prefix's smallest and largest float32 numbers and 8 random ones between, every code and its float32
-    neighbours (where the table's one comparison decides), the numbers near every midpoint (where the rounding
+    neighbours, the numbers near every midpoint and every rounding boundary (where the table's one comparison
     decides), and the special values. Codes equal, also for NaN; then the same through `quantize_blockwise`."""
-    from adaptopt.quantization import _largest_code_at_most, _nearest_codes
+    from adaptopt.quantization import _nearest_codes
 
     code_map, block_size = quantization_map(bits, sign), DEFAULT_BLOCK_SIZES[bits]
     table = search_table(code_map)
@@ -447,17 +448,33 @@ def test_search_table_finds_the_codes_the_search_finds(bits: Bits, sign: MapSign
     at_codes = (code_bits + torch.arange(-2, 3, dtype=torch.int32)).view(torch.float32).reshape(-1)
     midpoints = ((code_map[1:].double() + code_map[:-1].double()) / 2).float().view(torch.int32).unsqueeze(1)
     near_midpoints = (midpoints + torch.arange(-4, 5, dtype=torch.int32)).view(torch.float32).reshape(-1)
+    boundary_bits = rounding_boundaries(code_map).view(torch.int32).unsqueeze(1)
+    near_boundaries = (
+        (boundary_bits + torch.arange(-2, 3, dtype=torch.int32)).view(torch.float32).reshape(-1)
+    )  # either sign
     special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1.0, -1.0, float("inf"), float("-inf"), float("nan")])
-    probes = torch.cat([everywhere, at_codes, -at_codes, near_midpoints, -near_midpoints, special])
-    # The index below, not only the nearest code: a table one too low most often still finds the right code
-    # (the rounding step goes up to it), so comparing codes alone would miss most of its faults.
-    assert_same_bits(_largest_code_at_most(probes, code_map, table), _largest_code_at_most(probes, code_map))
-    assert_same_bits(_nearest_codes(probes, code_map, table), _nearest_codes(probes, code_map))
+    probes = torch.cat([everywhere, at_codes, -at_codes, near_midpoints, -near_midpoints, near_boundaries, special])
+    assert_same_bits(_nearest_codes(probes, code_map, table), _nearest_codes(probes, code_map).to(torch.int32))
     in_blocks = probes[probes.isfinite() & (probes.abs() <= 1)]
     assert_same_bits(
         quantize_blockwise(in_blocks, code_map, block_size, table)[0],
         quantize_blockwise(in_blocks, code_map, block_size)[0],
     )
+
+
+@pytest.mark.parametrize(("bits", "sign"), MAPS, ids=MAP_IDS)
+def test_rounding_boundaries_are_where_the_rule_steps_up(bits: Bits, sign: MapSign) -> None:
+    """t_j takes code j + 1 and the float32 just below it code j, by the rule itself (searchsorted and the
+    float32 comparison with the two codes around), and t_j lies between q_j and q_{j+1}."""
+    from adaptopt.quantization import _nearest_codes
+
+    code_map = quantization_map(bits, sign)
+    boundaries = rounding_boundaries(code_map)
+    just_below = torch.nextafter(boundaries, torch.tensor(-torch.inf))
+    indices = torch.arange(1, code_map.numel())
+    np.testing.assert_array_equal(_nearest_codes(boundaries, code_map).numpy(), indices.numpy())
+    np.testing.assert_array_equal(_nearest_codes(just_below, code_map).numpy(), (indices - 1).numpy())
+    assert bool((code_map[:-1] < boundaries).all() and (boundaries <= code_map[1:]).all())
 
 
 def test_search_table_refuses_a_dense_code_book() -> None:

@@ -47,14 +47,12 @@ from . import torch_internals as internals
 from .compiled import compilation_supported, constants_key
 from .quantization import (
     QuantizedTensor,
-    SearchTable,
+    code_book_and_table,
     dequantize_blocks,
     dequantize_blockwise,
     pack_nibbles,
-    quantization_map,
     quantize_blocks,
     quantize_blockwise,
-    search_table,
     unpack_nibbles,
 )
 
@@ -86,7 +84,7 @@ def _decode(quantized: QuantizedTensor, start: int, stop: int, dtype: torch.dtyp
     else:
         codes = quantized.codes[start:stop]
     scales = quantized.scales[start // block : -(-stop // block)]
-    code_map = quantization_map(quantized.bits, quantized.sign, codes.device)
+    code_map, _ = code_book_and_table(quantized.bits, quantized.sign, codes.device)
     return dequantize_blockwise(codes, scales, code_map, block).to(dtype)
 
 
@@ -107,8 +105,9 @@ class _FusedUpdate:
         self.names = names = tuple(name for name, value in scalars.items() if isinstance(value, float))
         fixed = {name: value for name, value in scalars.items() if name not in names}
         quantized = tuple(formats.items())
-        maps = {key: quantization_map(bits, sign, device) for key, (bits, sign, _) in quantized}  # type: ignore[arg-type]
-        tables = {key: search_table(code_map) for key, code_map in maps.items()}
+        books = {key: code_book_and_table(bits, sign, device) for key, (bits, sign, _) in quantized}
+        maps = {key: code_map for key, (code_map, _) in books.items()}
+        tables = {key: table for key, (_, table) in books.items()}
         plain = tuple(plain_keys)
         self.written = tuple(written)
 
@@ -217,7 +216,6 @@ class LowBitExecution:
         self._written: dict[Hashable, tuple[str, ...]] = {}
         """Per constants key, the quantized entries the update writes (learned from its first eager step)."""
         self._compiled: dict[Hashable, _FusedUpdate | None] = {}
-        self._code_books: dict[tuple[int, str, torch.device], tuple[torch.Tensor, SearchTable | None]] = {}
         self.compiled_calls = 0
         """How many params the compiled update stepped (for tests: which way the steps went)."""
 
@@ -345,20 +343,12 @@ class LowBitExecution:
                     new_scales[entry][scale_slice] = quantized.scales[scale_slice]
                     continue
                 written.add(entry)
-                code_map, table = self._code_book(quantized.bits, quantized.sign, param.device)
+                code_map, table = code_book_and_table(quantized.bits, quantized.sign, param.device)
                 codes, scales = quantize_blockwise(value, code_map, block, table)
                 new_codes[entry][code_slice] = pack_nibbles(codes) if quantized.bits == 4 else codes
                 new_scales[entry][scale_slice] = scales
         self.eager_work += numel - begin
         return written
-
-    def _code_book(self, bits: int, sign: str, device: torch.device) -> tuple[torch.Tensor, SearchTable | None]:
-        """The code book and its search table, built once per optimizer (a table is 320 KiB, and ~1 ms)."""
-        key = (bits, sign, device)
-        if key not in self._code_books:
-            code_map = quantization_map(bits, sign, device)  # type: ignore[arg-type]
-            self._code_books[key] = (code_map, search_table(code_map))
-        return self._code_books[key]
 
     def _compiled_for(
         self,

@@ -92,6 +92,7 @@ __all__ = [
     "MapSign",
     "QuantizedTensor",
     "SearchTable",
+    "code_book_and_table",
     "covering_radius",
     "dequantize",
     "dequantize_blocks",
@@ -105,6 +106,7 @@ __all__ = [
     "quantize_blocks",
     "quantize_blockwise",
     "quantized_nbytes",
+    "rounding_boundaries",
     "search_table",
     "select_map",
     "unpack_nibbles",
@@ -243,6 +245,14 @@ def quantization_map(bits: Bits, sign: MapSign, device: torch.device | str | Non
     return _cached_map(bits, sign).to(device=device, copy=True)
 
 
+@functools.cache
+def code_book_and_table(bits: Bits, sign: MapSign, device: torch.device) -> tuple[torch.Tensor, SearchTable | None]:
+    """The code book for `bits` and `sign` on `device` and its `search_table`, built once per process and
+    shared: read them, never write into them (`quantization_map` gives a tensor of one's own)."""
+    code_map = quantization_map(bits, sign, device)
+    return code_map, search_table(code_map)
+
+
 def covering_radius(code_map: torch.Tensor, sign: MapSign) -> float:
     r"""The largest distance from a point of the domain to its nearest code: $\max_{y} \min_j |y - q_j|$.
 
@@ -332,31 +342,24 @@ def _as_blocks(flat: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 SearchTable = tuple[torch.Tensor, torch.Tensor]
-"""`search_table`'s pair: per float32 prefix, the index of the largest code at or below the prefix's
-smallest number (uint8), and the one code within the prefix's numbers (float32; NaN where there is none)."""
+"""`search_table`'s pair: per float32 prefix, the code of the prefix's smallest number (int32) and the
+rounding boundary within the prefix's numbers (float32; NaN where there is none)."""
 
 _PREFIX_SHIFT: Final = 16
 """A float32's top 16 bits (sign, exponent, 7 bits of mantissa) index the search table: 65536 prefixes."""
 
 
-def _largest_code_at_most(
-    normalized: torch.Tensor, code_map: torch.Tensor, table: SearchTable | None = None
-) -> torch.Tensor:
+def _largest_code_at_most(normalized: torch.Tensor, code_map: torch.Tensor) -> torch.Tensor:
     """The largest j with q_j <= y, or 0 where there is none (y below q_0), as int64; the last index for NaN
     (its block decodes to NaN through its scale anyway), as `searchsorted` has it.
 
-    With `table` (`search_table`), two lookups, in any mode: the fastest. Without one:
-    under `torch.compile`, for a code book of 2^k entries (all four of ours), a branchless binary search of k
+    Under `torch.compile`, for a code book of 2^k entries (all four of ours), a branchless binary search of k
     steps, each an elementwise compare with a gathered code (the technique of torchao's
     `quantize_8bit_with_qmap`): inductor compiles it into the loop around it, 1.7x faster than its
     `searchsorted` (1M elements, one thread: 29 against 54 ms). Eagerly, `searchsorted`, a single op, is
-    faster than the search's 3k ops (88 against 176 ms for a whole quantization)."""
+    faster than the search's 3k ops (88 against 176 ms for a whole quantization). `search_table` is faster
+    than both."""
     count = code_map.numel()
-    if table is not None:  # two lookups (`search_table`)
-        below_prefix, within_prefix = table
-        prefix = (normalized.view(torch.int32) >> _PREFIX_SHIFT) + (1 << (31 - _PREFIX_SHIFT))
-        below = below_prefix[prefix].to(torch.int64) + (normalized >= within_prefix[prefix]).to(torch.int64)
-        return torch.where(normalized.isnan(), count - 1, below)
     if count & (count - 1) or not torch.compiler.is_compiling():
         return (torch.searchsorted(code_map, normalized, right=True) - 1).clamp(0, count - 1)
     below = torch.zeros(normalized.shape, dtype=torch.int64, device=normalized.device)
@@ -367,19 +370,61 @@ def _largest_code_at_most(
     return torch.where(normalized.isnan(), count - 1, below)  # where searchsorted puts NaN: after the last
 
 
+def _nearest_codes(normalized: torch.Tensor, code_map: torch.Tensor, table: SearchTable | None = None) -> torch.Tensor:
+    """The index of the nearest code for each value, the rule of the module docstring, as int64 (int32 with
+    `table`, which gives the same codes in two lookups: `search_table`)."""
+    last = code_map.numel() - 1
+    if table is not None:
+        codes_below, boundary_within = table
+        prefix = (normalized.view(torch.int32) >> _PREFIX_SHIFT) + (1 << (31 - _PREFIX_SHIFT))
+        codes = codes_below[prefix] + (normalized >= boundary_within[prefix]).to(torch.int32)
+        return torch.where(normalized.isnan(), last, codes)  # the search's code for NaN
+    below = _largest_code_at_most(normalized, code_map)
+    above = (below + 1).clamp(max=last)
+    value_below, value_above = code_map[below], code_map[above]
+    # Written as torchao compares, fl(y - q_j) >= fl(q_{j+1} - q_j) / 2, not as y >= midpoint: the two
+    # differ in the last bit near a midpoint, and the codes are to be torchao's.
+    rounds_up = (normalized - value_below) >= (value_above - value_below) * 0.5
+    return torch.where(rounds_up, above, below)
+
+
+def rounding_boundaries(code_map: torch.Tensor) -> torch.Tensor:
+    r"""The float32 numbers $t_0 < \dots < t_{K-2}$ where the nearest code steps up: the code of $y$ is the
+    number of $t_j \le y$, exactly as the module's rule (torchao's float32 comparison) rounds.
+
+    $t_j$ is the smallest float32 $y$ with $\mathrm{fl}(y - q_j) \ge \mathrm{fl}(q_{j+1} - q_j) \cdot \tfrac12$;
+    as $\mathrm{fl}(y - q_j)$ grows with $y$, that rule rounds up exactly from $t_j$ on, and
+    $q_j < t_j \le q_{j+1}$, so counting the $t_j$ at or below $y$ counts the codes below and the step up
+    (below $q_0$ nothing counts: code 0; above the last code everything: code $K - 1$). Found among the 129
+    float32 numbers within 64 ulps of the midpoint, with the rule's own float32 arithmetic.
+    """
+    low, high = code_map[:-1], code_map[1:]
+    midpoints = ((low.double() + high.double()) / 2).to(torch.float32)
+    steps = torch.arange(-64, 65, dtype=torch.int32, device=code_map.device)
+    upwards = torch.where(midpoints < 0, -1, 1).to(torch.int32).unsqueeze(1)  # a negative float's bits grow downwards
+    candidates = (midpoints.view(torch.int32).unsqueeze(1) + steps * upwards).view(torch.float32)
+    rounds_up = (candidates - low.unsqueeze(1)) >= ((high - low) * 0.5).unsqueeze(1)
+    if bool(rounds_up[:, 0].any()) or not bool(rounds_up[:, -1].all()):
+        raise ValueError("a rounding boundary lies more than 64 ulps from its midpoint")
+    return candidates.gather(1, rounds_up.to(torch.uint8).argmax(dim=1, keepdim=True)).squeeze(1)
+
+
 def search_table(code_map: torch.Tensor) -> SearchTable | None:
-    r"""A table that finds the largest code at or below a float32 $y$ with two lookups, or None for a code
-    book too dense for it.
+    r"""A table that finds the nearest code of a float32 $y$ with two lookups, or None for a code book too
+    dense for it.
 
     The float32 numbers that share their top 16 bits form an interval $[a, b]$ of relative width $2^{-7}$.
-    Where no interval holds two codes (in all four of this library's code books the closest codes are 1.4%
-    apart, relative, against 0.8%), $j(y) = j(a) + [\,y \ge q_{j(a)+1}]$ for every $y$ of the interval, with
-    $j(y)$ the largest index where $q_j \le y$ (0 below $q_0$). So the table holds $j(a)$ and that one code
-    (NaN where the interval holds none, which no comparison reaches): two gathers from 64K-entry tables, where
-    the binary search takes $\log_2 K$ dependent ones. Built in float64 from the float32 codes, on the code
-    book's device; NaN inputs are left to the caller, as `_largest_code_at_most` has them.
+    Where no interval holds two of the code book's `rounding_boundaries` (in all four of this library's code
+    books neighbouring boundaries are 1.4% apart at least, relative, against 0.8%), the code of every $y$ of
+    the interval is the code of $a$, plus 1 if $y$ is at or past the boundary within it. So the table holds
+    the code of $a$ and that boundary (NaN where the interval holds none, which no comparison reaches): two
+    lookups in 64K-entry tables, where the binary search takes $\log_2 K$ dependent ones and then compares with
+    two codes. The codes are the rule's, bit for bit; NaN inputs are left to the caller (their code is the
+    last, as the search has it). Built in float64 from the float32 boundaries, on the code book's device.
     """
-    count = code_map.numel()
+    if code_map.numel() > 256:
+        return None
+    boundaries = rounding_boundaries(code_map).double()
     prefixes = torch.arange(1 << (32 - _PREFIX_SHIFT), dtype=torch.int64, device=code_map.device)
     lowest_bits = ((prefixes - (1 << (31 - _PREFIX_SHIFT))) << _PREFIX_SHIFT).to(torch.int32)
     ends = [bits.view(torch.float32).double() for bits in (lowest_bits, lowest_bits | ((1 << _PREFIX_SHIFT) - 1))]
@@ -388,25 +433,13 @@ def search_table(code_map: torch.Tensor) -> SearchTable | None:
     infinity = torch.where(lowest_bits < 0, -torch.inf, torch.inf).double()
     ends = [torch.where(not_finite, infinity, end) for end in ends]
     low, high = torch.minimum(*ends), torch.maximum(*ends)  # negative floats grow downwards with their bits
-    codes = code_map.double()
-    below_low = (torch.searchsorted(codes, low, right=True) - 1).clamp(0, count - 1)
-    below_high = (torch.searchsorted(codes, high, right=True) - 1).clamp(0, count - 1)
-    if count > 256 or int((below_high - below_low).max()) > 1:
+    code_low = torch.searchsorted(boundaries, low, right=True)
+    code_high = torch.searchsorted(boundaries, high, right=True)
+    if int((code_high - code_low).max()) > 1:
         return None
-    within = torch.where(below_high > below_low, code_map[(below_low + 1).clamp(max=count - 1)], torch.nan)
-    return below_low.to(torch.uint8), within.to(torch.float32)
-
-
-def _nearest_codes(normalized: torch.Tensor, code_map: torch.Tensor, table: SearchTable | None = None) -> torch.Tensor:
-    """The index of the nearest code for each value, the rule of the module docstring, as int64."""
-    last = code_map.numel() - 1
-    below = _largest_code_at_most(normalized, code_map, table)
-    above = (below + 1).clamp(max=last)
-    value_below, value_above = code_map[below], code_map[above]
-    # Written as torchao compares, fl(y - q_j) >= fl(q_{j+1} - q_j) / 2, not as y >= midpoint: the two
-    # differ in the last bit near a midpoint, and the codes are to be torchao's.
-    rounds_up = (normalized - value_below) >= (value_above - value_below) * 0.5
-    return torch.where(rounds_up, above, below)
+    within = torch.where(code_high > code_low, boundaries[code_low.clamp(max=boundaries.numel() - 1)], torch.nan)
+    # int32, not uint8: inductor's CPU loops add uint8 four times slower (1M elements: 17 against 4.2 ms).
+    return code_low.to(torch.int32), within.to(torch.float32)
 
 
 def quantize_blockwise(
@@ -588,7 +621,8 @@ def quantize(values: torch.Tensor, *, bits: Bits, sign: MapSign, block_size: int
     """
     _check_bits_and_sign(bits, sign)
     block_size = DEFAULT_BLOCK_SIZES[bits] if block_size is None else block_size
-    codes, scales = quantize_blockwise(values, quantization_map(bits, sign, values.device), block_size)
+    code_map, table = code_book_and_table(bits, sign, values.device)
+    codes, scales = quantize_blockwise(values, code_map, block_size, table)
     stored = pack_nibbles(codes) if bits == 4 else codes
     return QuantizedTensor(stored, scales, tuple(values.shape), bits, sign, block_size)
 
