@@ -133,12 +133,25 @@ QUANTIZED_NUMEL = 12 * 200 + 200 + 200 * 5
 
 @pytest.mark.parametrize(("name", "state_dtype"), COMPILED)
 def test_compiled_fused_steps_equal_the_reference_loop(name: str, state_dtype: str) -> None:
+    assert_compiled_equals_reference(name, state_dtype)
+
+
+@pytest.mark.usefixtures("small_chunks")
+@pytest.mark.parametrize("state_dtype", BITS)
+def test_compiled_partial_blocks_after_a_whole_chunk_and_alone(state_dtype: str) -> None:
+    """With chunks of 256 elements, a param whose whole blocks fill their last chunk (2400 and 1000 at 8 bits,
+    2400 at 4) steps its partial block in a call of its own, two padded rows; the others (1000 at 4 bits) join
+    it to their last chunk, and the 200-element bias is a lone partial block at 8 bits."""
+    assert_compiled_equals_reference("adam", state_dtype)
+
+
+def assert_compiled_equals_reference(name: str, state_dtype: str) -> None:
     optimizer = trained(name, state_dtype, "compiled")
     expected = trained(name, state_dtype, "reference")
     (engine,) = low_bit_engines(optimizer)
     # The first step with each set of constants runs eagerly (it tells which entries the update writes); every
-    # later one compiles the whole blocks of the two weights (the hidden bias, 200 elements, is all tail at 8 bits).
-    assert engine.compiled_calls >= 2 * (STEPS - 2)
+    # later one is compiled for the three quantized params, their partial last blocks included (padded).
+    assert engine.compiled_calls >= 3 * (STEPS - 2)
     for index, (param, wanted_param) in enumerate(zip(params_of(optimizer), params_of(expected), strict=True)):
         # 1e-12 of the scale: inductor may order float64 operations otherwise than eager (measured: 2e-16 to
         # 5e-16); a code that rounded otherwise would be off by a whole code step, 1e-4 and more.
@@ -162,9 +175,10 @@ def test_auto_compiles_after_its_work_and_continues_the_same_run(monkeypatch: py
     optimizer = trained("adam", "8bit", "auto", steps=8)
     expected = trained("adam", "8bit", "reference", steps=8)
     (engine,) = low_bit_engines(optimizer)
-    # Three steps eagerly, then the tails: 2400 - 9 * 256, 1000 - 3 * 256 and the whole 200-element bias.
-    assert engine.eager_work == 3 * QUANTIZED_NUMEL + 5 * (96 + 232 + 200)
-    assert engine.compiled_calls == 2 * 5  # the weights' whole blocks; the rest eagerly
+    # Three steps eagerly, then every element compiled: the partial last blocks (2400 - 9 * 256, 1000 - 3 * 256
+    # and the whole 200-element bias) join their params' calls, padded.
+    assert engine.eager_work == 3 * QUANTIZED_NUMEL
+    assert engine.compiled_calls == 3 * 5
     for (where, actual), (_, wanted) in zip(entries(optimizer), entries(expected), strict=True):
         if actual.dtype == torch.uint8:
             assert torch.equal(actual, wanted), where

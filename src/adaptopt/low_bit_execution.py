@@ -12,9 +12,10 @@ same three steps run over the param in pieces, so that no full-size copy of the 
   bit for bit (the update is elementwise, so it computes the same numbers on a chunk as on the whole).
   The temporaries are a few chunk-sized tensors, and the new codes a quarter (8 bits) or an eighth (4 bits)
   of a float32 param per moment.
-* **compiled**: the param's whole blocks are one call of a `torch.compile`d function that decodes, runs
-  `update` and encodes, on matrices with a block a row (no padding, so no masks in the compiled loops); the
-  last partial block, if any, takes the eager path. It is compiled per set of constants (the group's
+* **compiled**: a chunk of the param's blocks is one call of a `torch.compile`d function that decodes, runs
+  `update` and encodes, on matrices with a block a row (no masks in the compiled loops); a last partial block
+  joins the last chunk's call as a row padded with repeats of its last element, on copies of that chunk
+  (`_step_compiled` says why that leaves the codes as the reference's). It is compiled per set of constants (the group's
   hyper-parameters, the non-float scalars, dtype, the code formats), for any number of blocks, and before its
   first use it must step scratch inputs as the eager code does (`_FusedUpdate._verify`). Finding the nearest
   code is a search over the code book per element, so on the CPU the step is compute-bound, not memory-bound
@@ -76,13 +77,17 @@ Format = tuple[int, str, int]
 """A quantized entry's (bits, map name, block size)."""
 
 
+def _codes(quantized: QuantizedTensor, start: int, stop: int) -> torch.Tensor:
+    """The codes of elements `start:stop` of `quantized` (flattened), one a byte; `start` is even."""
+    if quantized.bits == 4:
+        return unpack_nibbles(quantized.codes[start // 2 : (stop + 1) // 2], stop - start)
+    return quantized.codes[start:stop]
+
+
 def _decode(quantized: QuantizedTensor, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
     """Elements `start:stop` of `quantized` (flattened), decoded; `start` is at a block boundary."""
     block = quantized.block_size
-    if quantized.bits == 4:
-        codes = unpack_nibbles(quantized.codes[start // 2 : (stop + 1) // 2], stop - start)
-    else:
-        codes = quantized.codes[start:stop]
+    codes = _codes(quantized, start, stop)
     scales = quantized.scales[start // block : -(-stop // block)]
     code_map, _ = code_book_and_table(quantized.bits, quantized.sign, codes.device)
     return dequantize_blockwise(codes, scales, code_map, block).to(dtype)
@@ -277,22 +282,37 @@ class LowBitExecution:
         scalars: Scalars,
         block: int,
     ) -> int:
-        """Step the param's whole blocks with the compiled update, a call per chunk, writing the codes and scales
-        of the entries it writes into `new_codes` and `new_scales`; return how many elements it stepped (0 if
-        the compiled update cannot be used)."""
-        done = param.shape[0] // block * block
+        """Step the param with the compiled update, a call per chunk, writing the codes and scales of the entries
+        it writes into `new_codes` and `new_scales`; return how many elements it stepped (fewer than all if the
+        compiled update failed: the eager path does the rest).
+
+        A last partial block joins the last chunk's call as one more row, padded by repeating its last element
+        (params, grads, codes and plain state alike): the update is elementwise, so the repeats come out equal
+        to that element and leave the block's absolute maximum, its scale, and the real elements' codes as the
+        reference's zero padding does; the repeats' results are dropped. The last chunk is then stepped on
+        copies (a chunk at most), which are written back. So a param of 10k elements is one call, not a
+        compiled call and an eager tail (200 x 10k, 8-bit Adam: half the step's time)."""
+        numel = param.shape[0]
+        whole = numel // block * block
         packed = compiled.pack(scalars)
         plain = [state[entry].view(-1) for entry in plain_keys]
-        for start in range(0, done, CHUNK):
-            stop = min(start + CHUNK, done)
-            blocks = (stop - start) // block
-            inputs: list[torch.Tensor] = []
-            for quantized in old.values():
-                per_byte = 1 if quantized.bits == 8 else 2
-                codes = quantized.codes[start // per_byte : stop // per_byte]
-                inputs += [codes.view(blocks, -1), quantized.scales[start // block : stop // block]]
-            inputs += [tensor[start:stop].view(blocks, block) for tensor in plain]
+        starts = list(range(0, whole, CHUNK))
+        if whole < numel and (not starts or whole - starts[-1] == CHUNK):
+            starts.append(whole)  # the partial block needs a call of its own
+        for start in starts:
+            stop = min(start + CHUNK, whole)
+            last = start == starts[-1] and whole < numel
             try:
+                if last:
+                    self._step_padded(compiled, grad, param, old, new_codes, new_scales, plain, packed, start, block)
+                    continue
+                blocks = (stop - start) // block
+                inputs: list[torch.Tensor] = []
+                for quantized in old.values():
+                    per_byte = 1 if quantized.bits == 8 else 2
+                    codes = quantized.codes[start // per_byte : stop // per_byte]
+                    inputs += [codes.view(blocks, -1), quantized.scales[start // block : stop // block]]
+                inputs += [tensor[start:stop].view(blocks, block) for tensor in plain]
                 stored = compiled(
                     param[start:stop].view(blocks, block), grad[start:stop].view(blocks, block), packed, inputs
                 )
@@ -303,8 +323,53 @@ class LowBitExecution:
                 per_byte = 1 if old[entry].bits == 8 else 2
                 new_codes[entry][start // per_byte : stop // per_byte] = stored[2 * index].view(-1)
                 new_scales[entry][start // block : stop // block] = stored[2 * index + 1]
-        self.compiled_calls += done > 0
-        return done
+        self.compiled_calls += bool(starts)
+        return numel if starts else 0
+
+    @staticmethod
+    def _step_padded(
+        compiled: _FusedUpdate,
+        grad: torch.Tensor,
+        param: torch.Tensor,
+        old: dict[str, QuantizedTensor],
+        new_codes: dict[str, torch.Tensor],
+        new_scales: dict[str, torch.Tensor],
+        plain: list[torch.Tensor],
+        packed: torch.Tensor,
+        start: int,
+        block: int,
+    ) -> None:
+        """Elements `start:` (a block boundary; whole blocks and the partial one) in one call on padded copies
+        (see `_step_compiled`). At least two rows: dynamo would specialise a single one into a compilation of its
+        own."""
+        count = param.shape[0] - start
+        needed = -(-count // block)
+        rows = max(2, needed)  # a lone partial block gets a second row of repeats
+        repeat_last = torch.arange(rows * block, device=param.device).clamp(max=count - 1)
+        padded_param = param[start:].index_select(0, repeat_last).view(rows, block)
+        padded_plain = [tensor[start:].index_select(0, repeat_last).view(rows, block) for tensor in plain]
+        first_scale = start // block
+        scale_rows = torch.arange(rows, device=param.device).clamp(max=needed - 1)
+        inputs: list[torch.Tensor] = []
+        for quantized in old.values():
+            codes = _codes(quantized, start, param.shape[0]).index_select(0, repeat_last)
+            if quantized.bits == 4:
+                codes = pack_nibbles(codes)
+            scales = quantized.scales[first_scale:].index_select(0, scale_rows)
+            inputs += [codes.view(rows, -1), scales]
+        inputs += padded_plain
+        padded_grad = grad[start:].index_select(0, repeat_last).view(rows, block)
+        stored = compiled(padded_param, padded_grad, packed, inputs)
+        param[start:].copy_(padded_param.view(-1)[:count])
+        for tensor, padded in zip(plain, padded_plain, strict=True):
+            tensor[start:].copy_(padded.view(-1)[:count])
+        for index, entry in enumerate(compiled.written):
+            codes, scales = stored[2 * index], stored[2 * index + 1]
+            if old[entry].bits == 4:
+                new_codes[entry][start // 2 :] = pack_nibbles(unpack_nibbles(codes.view(-1)[: (count + 1) // 2], count))
+            else:
+                new_codes[entry][start:] = codes.view(-1)[:count]
+            new_scales[entry][first_scale:] = scales[:needed]
 
     def _step_eagerly(
         self,
