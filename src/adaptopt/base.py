@@ -479,8 +479,9 @@ class GenericAdaptiveOptimizer(Optimizer):
 
     def _step_low_bit(self, engine: LowBitExecution, group: Group) -> list[torch.Tensor]:
         """Step the params of a low-bit group whose codes the fused path can decode, update and encode in one
-        pass (`low_bit_execution.py`); return the others, for the reference loop. Master weights and
-        GradScaler's unscaling need the working copies of the reference loop, so do narrower params."""
+        pass (`low_bit_execution.py`); return the others, for the reference loop. Master weights, GradScaler's
+        unscaling and stochastic rounding need the working copies of the reference loop. bf16 and fp16 params
+        step there on fp32 copies of a chunk at a time, rounded back to nearest as the reference loop does."""
         if group["master_weights"] or getattr(self, "grad_scale", None) is not None:
             return list(group["params"])
         leftovers = []
@@ -494,7 +495,8 @@ class GenericAdaptiveOptimizer(Optimizer):
                 type(param) in (torch.Tensor, torch.nn.Parameter)
                 and type(grad) is torch.Tensor
                 and grad.layout == torch.strided
-                and real.dtype in (torch.float32, torch.float64)
+                and real.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+                and not (group["stochastic_rounding"] and real.dtype == torch.bfloat16)
                 and real.is_contiguous()
                 and real_grad.shape == real.shape
             ):
@@ -507,7 +509,8 @@ class GenericAdaptiveOptimizer(Optimizer):
 
     def _fused_low_bit_formats(self, group: Group, state: State, param: torch.Tensor) -> dict[str, Format] | None:
         """The code format of each quantized entry of `state`, if the fused path can step it: every entry the
-        low-bit rule picks is stored as codes in its format, every other one is a plain tensor like `param`,
+        low-bit rule picks is stored as codes in its format, every other one is a plain tensor of the param's
+        shape in its working dtype (fp32 for a bf16 param),
         and none is held decoded (a caller of `state_for` wrote into it since the last step). Else None."""
         if id(state) in self._low_bit_decoded:
             return None
@@ -524,7 +527,7 @@ class GenericAdaptiveOptimizer(Optimizer):
                 isinstance(value, torch.Tensor)
                 and key not in plan
                 and value.shape == param.shape
-                and value.dtype == param.dtype
+                and value.dtype == _working_dtype(param.dtype)
                 and value.is_contiguous()
             ):
                 return None

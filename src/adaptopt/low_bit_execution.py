@@ -18,9 +18,10 @@ same three steps run over the param in pieces, so that no full-size copy of the 
   (`_step_compiled` says why that leaves the codes as the reference's). It is compiled per set of constants (the group's
   hyper-parameters, the non-float scalars, dtype, the code formats), for any number of blocks, and before its
   first use it must step scratch inputs as the eager code does (`_FusedUpdate._verify`). Finding the nearest
-  code is a search over the code book per element, so on the CPU the step is compute-bound, not memory-bound
-  as fp32 Adam's is: 1M params of 8-bit Adam take about 55 ms compiled on one thread, 210 ms eagerly, 60 ms
-  in torchao's compiled `AdamW8bit`, and 2 ms in torch's fused Adam with fp32 state (docs/low-bit.md).
+  code takes two lookups in a 64K-entry table per element (`quantization.search_table`) and decoding one in the
+  code book, scalar loads in inductor's CPU loops, so on the CPU the step is compute-bound, not memory-bound as
+  fp32 Adam's is: 1M params of 8-bit Adam take about 26 ms compiled on one thread and 60 ms eagerly, against
+  2 ms in torch's fused Adam with fp32 state (docs/low-bit.md).
   So `auto` keeps the low-bit update eager until it has done `AUTO_COMPILE_WORK` element-updates, as for
   buckets, and then compiles it.
 
@@ -30,9 +31,10 @@ constants, by torch's version counters of the decoded tensors; the compiled func
 those. The state dict holds a new `QuantizedTensor` for each written entry after every step, as the
 reference's does, so a checkpoint taken at any point never aliases codes that a later step overwrites.
 
-Only optimizers whose `step_param` is elementwise and that need no first pass (`reduces`) take this path,
-for float32 and float64 params (bf16/fp16 params run their math on fp32 copies, which the reference loop
-makes); the rest of a low-bit group runs through the reference loop.
+Only optimizers whose `step_param` is elementwise and that need no first pass (`reduces`) take this path.
+float32 and float64 params step in place; bf16 and fp16 params on fp32 copies (a chunk's, or inside the
+compiled function), rounded back to nearest, as the reference loop's working copies are. The rest of a
+low-bit group runs through the reference loop (`GenericAdaptiveOptimizer._step_low_bit` says which).
 """
 
 from __future__ import annotations
@@ -56,6 +58,12 @@ from .quantization import (
     quantize_blockwise,
     unpack_nibbles,
 )
+
+
+def _working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a param's math runs in: fp32 for bf16 and fp16 params (as in the reference loop), else its own."""
+    return torch.float32 if dtype.itemsize < 4 else dtype
+
 
 if TYPE_CHECKING:
     from .base import Group, Scalars, State
@@ -118,6 +126,9 @@ class _FusedUpdate:
 
         def fused(param: torch.Tensor, grad: torch.Tensor, packed: torch.Tensor, *inputs: torch.Tensor) -> Any:
             # Everything is a matrix of whole blocks, a block a row: no padding, no masks in the compiled loops.
+            # The grad comes in the working dtype: the param's, or fp32 for a bf16/fp16 param, which is stepped on
+            # an fp32 copy and rounded back to nearest, as in the reference loop.
+            work = param if param.dtype == grad.dtype else param.to(grad.dtype)
             step_scalars = dict(fixed)
             for index, name in enumerate(names):
                 step_scalars[name] = packed[index]
@@ -126,10 +137,12 @@ class _FusedUpdate:
                 codes, scales = inputs[2 * index], inputs[2 * index + 1]
                 if bits == 4:  # two codes a byte, high nibble first (`pack_nibbles`)
                     codes = torch.stack((codes >> 4, codes & 0x0F), dim=-1).view(codes.shape[0], -1)
-                state[key] = dequantize_blocks(codes, scales, maps[key]).to(param.dtype)
+                state[key] = dequantize_blocks(codes, scales, maps[key]).to(grad.dtype)
             for index, key in enumerate(plain):
                 state[key] = inputs[2 * len(quantized) + index]
-            optimizer.update(state, constants, grad, param, step_scalars)
+            optimizer.update(state, constants, grad, work, step_scalars)
+            if work is not param:
+                param.copy_(work)
             stored = []
             for key in self.written:
                 codes, scales = quantize_blocks(state[key].to(torch.float32), maps[key], tables[key])
@@ -182,8 +195,12 @@ class _FusedUpdate:
 
         def scratch() -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
             generator.manual_seed(0)
-            options: dict[str, Any] = {"dtype": like.dtype, "device": like.device, "generator": generator}
-            param, grad = torch.randn(3, block, **options), torch.randn(3, block, **options)
+            options: dict[str, Any] = {
+                "dtype": _working_dtype(like.dtype),
+                "device": like.device,
+                "generator": generator,
+            }
+            param, grad = torch.randn(3, block, **options).to(like.dtype), torch.randn(3, block, **options)
             inputs = []
             for bits, _, _ in self._formats.values():
                 width = block if bits == 8 else block // 2
@@ -203,7 +220,9 @@ class _FusedUpdate:
             if wanted.dtype == torch.uint8:
                 if float(wanted.ne(got).float().mean()) <= 0.01:
                     continue
-            elif float((wanted - got).abs().max()) <= 1e-6 * (float(wanted.abs().max()) or 1.0):
+            elif float((wanted - got).abs().max()) <= max(1e-6, 2 * torch.finfo(wanted.dtype).eps) * (
+                float(wanted.abs().max()) or 1.0
+            ):
                 continue
             raise RuntimeError("the compiled low-bit update does not step as the eager one on scratch inputs")
         self._verified = True
@@ -239,7 +258,7 @@ class LowBitExecution:
         scalars = optimizer.step_scalars(state, group)
         plain_keys = [key for key, value in state.items() if key not in formats and isinstance(value, torch.Tensor)]
         key = self._constants_key(group, param, formats, plain_keys, scalars)
-        flat_param, flat_grad = param.view(-1), grad.reshape(-1).to(param.dtype)
+        flat_param, flat_grad = param.view(-1), grad.reshape(-1).to(_working_dtype(param.dtype))
         old = {entry: state[entry] for entry in formats}
         new_codes = {entry: torch.empty_like(quantized.codes) for entry, quantized in old.items()}
         new_scales = {entry: torch.empty_like(quantized.scales) for entry, quantized in old.items()}
@@ -385,7 +404,7 @@ class LowBitExecution:
     ) -> set[str]:
         """Step elements `begin:` (a block boundary) in chunks, writing the codes and scales of the entries the
         update writes into `new_codes` and `new_scales` (and the old ones of the others); return the former."""
-        numel = param.shape[0]
+        numel, work_dtype = param.shape[0], grad.dtype
         plain = {
             entry: value.view(-1)
             for entry, value in state.items()
@@ -394,11 +413,15 @@ class LowBitExecution:
         written: set[str] = set()
         for start in range(begin, numel, CHUNK):
             stop = min(start + CHUNK, numel)
-            decoded = {entry: _decode(quantized, start, stop, param.dtype) for entry, quantized in old.items()}
+            decoded = {entry: _decode(quantized, start, stop, work_dtype) for entry, quantized in old.items()}
             versions = {entry: tensor._version for entry, tensor in decoded.items()}
             chunk: State = {"step": state["step"], **decoded}
             chunk.update({entry: tensor[start:stop] for entry, tensor in plain.items()})
-            self.optimizer.update(chunk, group, grad[start:stop], param[start:stop], scalars)
+            param_chunk = param[start:stop]
+            work_param = param_chunk.to(work_dtype)  # for a bf16 param an fp32 copy, rounded back to nearest
+            self.optimizer.update(chunk, group, grad[start:stop], work_param, scalars)
+            if work_param is not param_chunk:
+                param_chunk.copy_(work_param)
             for entry, quantized in old.items():
                 block, value = quantized.block_size, chunk[entry]
                 code_slice = slice(start // 2, (stop + 1) // 2) if quantized.bits == 4 else slice(start, stop)
