@@ -32,4 +32,4 @@ if [[ "$installed" != "$version" ]]; then
     exit 1
 fi
 echo "== torch $version: the test suite"
-"$venv/bin/python" -m pytest -q "$@"
+"$venv/bin/python" -m pytest -q -n "${ADAPTOPT_TEST_WORKERS:-2}" "$@"
