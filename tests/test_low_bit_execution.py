@@ -233,14 +233,16 @@ def test_params_the_fused_path_cannot_take_go_to_the_reference_loop() -> None:
         assert low_bit_engines(runs[0])[0].eager_work == 0
 
 
-def bf16_run(name: str, state_dtype: str, mode: str, steps: int = 5) -> torch.optim.Optimizer:
+def bf16_run(
+    name: str, state_dtype: str, mode: str, steps: int = 5, dtype: torch.dtype = torch.bfloat16
+) -> torch.optim.Optimizer:
     """A bf16 param of 3000 elements (whole blocks and a partial one at both widths), bf16 grads."""
-    param = torch.nn.Parameter(torch.randn(3000, generator=torch.Generator().manual_seed(0)).bfloat16())
+    param = torch.nn.Parameter(torch.randn(3000, generator=torch.Generator().manual_seed(0)).to(dtype))
     optimizer = make_optimizer(
         name, [param], state_dtype=state_dtype, low_bit_min_numel=THRESHOLD, execution=mode, **settings_for(name)
     )
     for step in range(steps):
-        param.grad = torch.randn(3000, generator=torch.Generator().manual_seed(step + 1)).bfloat16()
+        param.grad = torch.randn(3000, generator=torch.Generator().manual_seed(step + 1)).to(dtype)
         optimizer.step()
     return optimizer
 
@@ -254,6 +256,14 @@ def test_bf16_params_take_the_fused_path_bitwise(name: str, state_dtype: str) ->
     keeps its z in fp32 beside the bf16 param)."""
     optimizer = bf16_run(name, state_dtype, "bucketed")
     expected = bf16_run(name, state_dtype, "reference")
+    for (where, actual), (_, wanted) in zip(entries(optimizer), entries(expected), strict=True):
+        assert actual.dtype == wanted.dtype and torch.equal(actual, wanted), where
+    assert [engine.eager_work for engine in low_bit_engines(optimizer)] == [5 * 3000]
+
+
+def test_fp16_params_take_the_fused_path_bitwise() -> None:
+    optimizer = bf16_run("adam", "8bit", "bucketed", dtype=torch.float16)
+    expected = bf16_run("adam", "8bit", "reference", dtype=torch.float16)
     for (where, actual), (_, wanted) in zip(entries(optimizer), entries(expected), strict=True):
         assert actual.dtype == wanted.dtype and torch.equal(actual, wanted), where
     assert [engine.eager_work for engine in low_bit_engines(optimizer)] == [5 * 3000]

@@ -481,7 +481,8 @@ class GenericAdaptiveOptimizer(Optimizer):
         """Step the params of a low-bit group whose codes the fused path can decode, update and encode in one
         pass (`low_bit_execution.py`); return the others, for the reference loop. Master weights, GradScaler's
         unscaling and stochastic rounding need the working copies of the reference loop. bf16 and fp16 params
-        step there on fp32 copies of a chunk at a time, rounded back to nearest as the reference loop does."""
+        take the fused path on fp32 copies of a chunk at a time, rounded back to nearest as the reference loop
+        rounds its copy of the whole param."""
         if group["master_weights"] or getattr(self, "grad_scale", None) is not None:
             return list(group["params"])
         leftovers = []
