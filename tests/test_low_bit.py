@@ -559,6 +559,36 @@ def test_codes_of_another_width_are_converted_and_warned() -> None:
             assert torch.equal(value.dequantize(torch.float64), expected)
 
 
+def test_saved_codes_put_into_the_state_as_zero_loads_them_are_converted_like_load_state_dict() -> None:
+    """ZeroRedundancyOptimizer.load_state_dict puts each saved param state into the local optimizer's `state`
+    as it is: low-bit entries arrive as checkpoint dicts, here 8-bit ones in a 4-bit group. The first step
+    converts them, warned, exactly as `load_state_dict` would have (then both step alike)."""
+    eight_model, eight = trained_adam("8bit")
+    saved = through_disk(eight.state_dict())
+    runs = []
+    for how in ("put in", "load_state_dict"):
+        model, four = trained_adam("4bit", steps=0)
+        model.load_state_dict(eight_model.state_dict())
+        if how == "put in":
+            for index, param in enumerate(params_of(four)):
+                four.state[param] = copy.deepcopy(saved["state"][index])  # ZeRO's load, without ours
+            with pytest.warns(StateConversionWarning, match=r"exp_avg of param 'loaded by ZeroRedundancyOptimizer' "):
+                train_step(model, four, 3)
+        else:
+            with pytest.warns(StateConversionWarning, match=r"from 8-bit codes to 4-bit"):
+                four.load_state_dict(saved)
+            train_step(model, four, 3)
+        runs.append(four)
+    for param, other in zip(params_of(runs[0]), params_of(runs[1]), strict=True):
+        assert torch.equal(param, other)
+        for key in ADAM_MOMENTS:
+            value, wanted = runs[0].state[param][key], runs[1].state[other][key]
+            assert type(value) is type(wanted)
+            if isinstance(value, QuantizedTensor):
+                assert value.bits == 4 and torch.equal(value.codes, wanted.codes)
+            assert torch.equal(decoded(value), decoded(wanted))
+
+
 def test_a_low_bit_checkpoint_into_bf16_state_is_converted() -> None:
     _, low_bit = trained_adam("8bit")
     _, bf16 = trained_adam(torch.bfloat16, steps=0)

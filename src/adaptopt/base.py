@@ -451,7 +451,7 @@ class GenericAdaptiveOptimizer(Optimizer):
             if self._buckets is not None:
                 self._buckets.adopt_state(param, state)
         elif any(isinstance(value, Mapping) for value in state.values()):
-            _restore_saved_codes(state, param.device)
+            self._restore_saved_codes(state, group, param)
         if not self._stepping and any(isinstance(value, QuantizedTensor) for value in state.values()):
             self._decode_for_caller(state, group, as_real(param))
         return state
@@ -815,6 +815,29 @@ class GenericAdaptiveOptimizer(Optimizer):
     # ----------------------------------------------------------------------------------------------
     # Checkpoints
 
+    def _restore_saved_codes(self, state: State, group: Group, param: torch.Tensor) -> None:
+        """Turn the entries of `state` that hold saved codes (`QuantizedTensor.state_dict()`) back into
+        `QuantizedTensor`s on the param's device, converted to how the group stores them as `load_state_dict`
+        converts them (with a `StateConversionWarning`).
+
+        ZeroRedundancyOptimizer.load_state_dict does not call the local optimizer's `load_state_dict`: it puts
+        each saved param state of its rank's share into `optim.state` as it is, so low-bit entries arrive in
+        their checkpoint form, possibly of another width than the group's. A dict that is not valid codes
+        raises `ValueError` here, at the first step that reads it."""
+        template = self._state_template(group, param)
+        conversions: list[str] = []
+        for key, value in list(state.items()):
+            if key in template and isinstance(value, Mapping) and _holds_codes(value):
+                where = "loaded by ZeroRedundancyOptimizer"
+                state[key] = _load_low_bit(where, key, value, template[key], param.device, conversions)
+        if conversions:
+            warnings.warn(
+                f"{type(self).__name__} converted {len(conversions)} state entries that another optimizer put into "
+                f"its state to how it stores them (its state_dtype and low_bit_min_numel): {'; '.join(conversions)}",
+                StateConversionWarning,
+                stacklevel=3,
+            )
+
     def _state_template(self, group: Group, param: torch.Tensor) -> State:
         """What `init_state` would create for `param`, on the meta device: names, shapes and dtypes."""
         template: State = {}
@@ -985,27 +1008,6 @@ def _refuse_low_bit_dtensors(group: Mapping[str, Any]) -> None:
             "state_dtype=torch.bfloat16 or without state_dtype, or use low-bit state only for params that are "
             "not sharded (DDP and ZeroRedundancyOptimizer support it)"
         )
-
-
-def _restore_saved_codes(state: State, device: torch.device) -> None:
-    """Turn the entries of `state` that hold saved codes (`QuantizedTensor.state_dict()`) back into
-    `QuantizedTensor`s on `device`.
-
-    ZeroRedundancyOptimizer.load_state_dict does not call the local optimizer's `load_state_dict`: it puts
-    each saved param state of its rank's share into `optim.state` as it is, so low-bit entries arrive in
-    their checkpoint form. They are taken as the codes they are (ZeRO loads every other entry unconverted
-    too); a dict that is not valid codes raises `ValueError` here, at the first step that reads it."""
-    for key, value in state.items():
-        if isinstance(value, Mapping) and set(value) == QUANTIZED_STATE_KEYS:
-            quantized = QuantizedTensor.from_state_dict(value)
-            state[key] = QuantizedTensor(
-                quantized.codes.to(device),
-                quantized.scales.to(device),
-                quantized.shape,
-                quantized.bits,
-                quantized.sign,
-                quantized.block_size,
-            )
 
 
 def _holds_codes(value: Any) -> bool:
