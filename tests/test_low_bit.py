@@ -659,6 +659,44 @@ def test_sophia_stores_its_hessian_as_codes_as_soon_as_it_is_written() -> None:
     assert isinstance(optimizer.state_dict()["state"][0]["hessian"], dict)  # saved as codes all the same
 
 
+@pytest.mark.parametrize("name", ["prodigy", "lamb"])
+@pytest.mark.parametrize("state_dtype", ["8bit", "4bit"])
+def test_a_first_pass_that_only_reads_the_state_leaves_the_other_params_codes_in_place(
+    name: str, state_dtype: str
+) -> None:
+    # Prodigy's and LAMB's first pass reads every param's state before the update writes any: were the decoded
+    # state held between the passes, every param's would exist in fp32 at once, the memory low-bit state saves.
+    model = make_model()
+    optimizer = low_bit_optimizer(name, model, state_dtype, execution="reference")
+    train_step(model, optimizer, 0)
+    quantized = {
+        (param, key)
+        for param, state in optimizer.state.items()
+        for key, value in state.items()
+        if isinstance(value, QuantizedTensor)
+    }
+    assert len({param for param, _ in quantized}) >= 2
+    held_elsewhere: list[int] = []
+    step_param = optimizer.step_param
+
+    def watched(
+        state: dict[str, Any], group: dict[str, Any], grad: torch.Tensor, param: torch.Tensor, scalars: Any
+    ) -> None:
+        stepping = next(p for p, s in optimizer.state.items() if s is state)
+        held_elsewhere.append(
+            sum(
+                not isinstance(optimizer.state[other][key], QuantizedTensor)
+                for other, key in quantized
+                if other is not stepping
+            )
+        )
+        step_param(state, group, grad, param, scalars)
+
+    optimizer.step_param = watched  # type: ignore[method-assign]
+    train_step(model, optimizer, 1)
+    assert len(held_elsewhere) == len(list(model.parameters())) and held_elsewhere == [0] * len(held_elsewhere)
+
+
 # --------------------------------------------------------------------------------------------------
 # The option: validation, per group
 

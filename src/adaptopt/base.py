@@ -162,7 +162,8 @@ class GenericAdaptiveOptimizer(Optimizer):
     for a float64 param). `step_param` never sees codes: every step decodes the group's quantized state to
     working tensors, runs the whole step on them (Prodigy's and LAMB's first pass included) and encodes the
     result once; an entry the step did not change keeps its codes (re-encoding decoded values is not the
-    identity). Outside a step, `state_for` hands quantized entries back decoded, and what the caller writes
+    identity). An entry that a first pass only reads is decoded again by the update rather than held decoded
+    between the passes, so at no point does every param's state exist decoded at once. Outside a step, `state_for` hands quantized entries back decoded, and what the caller writes
     into them (Sophia's `update_hessian`) is encoded at the end of the next step, or by `state_dict`.
     """
 
@@ -415,7 +416,7 @@ class GenericAdaptiveOptimizer(Optimizer):
             for param, grad in self.params_with_grad(params):
                 state = self.state_for(group, param)
                 if through_copies:
-                    # Low-bit moments stay decoded until the update: one rounding a step, as for fp32 state.
+                    # Moments the first pass writes stay decoded until the update: one rounding a step.
                     self._through_working_copies(
                         collect, state, group, as_real(grad), as_real(param), keep_decoded=True, changes_param=False
                     )
@@ -690,7 +691,9 @@ class GenericAdaptiveOptimizer(Optimizer):
             written: State = {}
             still_decoded: dict[str, _Decoded] = {}
             for key, entry in decoded.items():
-                if key in plan and keep_decoded:
+                # A first pass that only read an entry (Prodigy's, LAMB's) leaves its codes as they were: the
+                # update decodes them again, so no decoded copy of every param's state outlives its param.
+                if key in plan and keep_decoded and not _codes_still_hold(entry, state[key], plan[key]):
                     written[key], still_decoded[key] = state[key], entry
                 elif key in plan:
                     written[key] = _stored_codes(entry, state[key], plan[key])
@@ -1167,15 +1170,22 @@ def _stored_codes(entry: _Decoded, current: torch.Tensor, format_: tuple[Bits, M
     """What a decoded entry is stored as: its old codes if it is still the tensor they decoded to, unwritten,
     and in the format wanted (decoding and encoding again is not the identity: a block's scale would shrink
     to its largest decoded magnitude), else the codes of `current`."""
+    if _codes_still_hold(entry, current, format_):
+        assert entry.original is not None
+        return entry.original
+    return _encode(current, *format_)
+
+
+def _codes_still_hold(entry: _Decoded, current: torch.Tensor, format_: tuple[Bits, MapSign]) -> bool:
+    """Whether a decoded entry's old codes are what it is stored as: `current` is still the tensor they decoded
+    to, unwritten since, and they are in the format wanted."""
     original = entry.original
-    if (
+    return (
         original is not None
         and current is entry.tensor
         and current._version == entry.version
         and _same_format(original, *format_)
-    ):
-        return original
-    return _encode(current, *format_)
+    )
 
 
 def _unquantized_storage(group: Group, work_dtype: torch.dtype) -> torch.dtype:
