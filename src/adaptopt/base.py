@@ -163,8 +163,9 @@ class GenericAdaptiveOptimizer(Optimizer):
     working tensors, runs the whole step on them (Prodigy's and LAMB's first pass included) and encodes the
     result once; an entry the step did not change keeps its codes (re-encoding decoded values is not the
     identity). An entry that a first pass only reads is decoded again by the update rather than held decoded
-    between the passes, so at no point does every param's state exist decoded at once. Outside a step, `state_for` hands quantized entries back decoded, and what the caller writes
-    into them (Sophia's `update_hessian`) is encoded at the end of the next step, or by `state_dict`.
+    between the passes, so at no point does every param's state exist decoded at once. Outside a step,
+    `state_for` hands quantized entries back decoded, and what the caller writes into them (Sophia's
+    `update_hessian`) is encoded at the end of the next step, or by `state_dict`.
     """
 
     kind: ClassVar[str] = "per_param"
