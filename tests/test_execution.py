@@ -866,6 +866,24 @@ def test_auto_compiles_after_enough_eager_work(monkeypatch: pytest.MonkeyPatch) 
     assert_same(expected, actual, exact=False)
 
 
+def test_auto_compiles_every_bucket_once_the_buckets_together_did_enough_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Adafactor's MLP makes four buckets (one per shape), the smallest of 3 elements. The threshold counts the
+    # work of all four: after 10 steps of the whole model each bucket compiles, the small ones too, which
+    # counted alone would take hundreds of steps to get there.
+    model_size = sum(param.numel() for param in mlp().parameters())
+    monkeypatch.setattr(execution, "AUTO_COMPILE_WORK", 10 * model_size)
+    expected = reference("adafactor", {})
+    model, optimizer = train("adafactor", {}, "auto", steps=10)
+    every = all_buckets(optimizer)
+    assert len(every) == BUCKETS["adafactor"] and min(bucket.numel for bucket in every) == 3
+    assert all(bucket.compiled is None for bucket in every)
+    assert sum(bucket.eager_work for bucket in every) == 10 * model_size
+    actual = train("adafactor", {}, "auto", model=model, optimizer=optimizer, steps=STEPS - 10, start=10)
+    # Before torch 2.9 matrix stacks run eagerly (execution.STACKS_COMPILE), and nothing compiles.
+    assert all((bucket.compiled is not None) == execution.STACKS_COMPILE for bucket in every)
+    assert_same(expected, actual, exact=False)
+
+
 def test_auto_takes_an_update_compiled_already_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     # Moving the params rebuilds the bucket, whose eager work starts again at 0; the update compiled for the
     # old bucket has the same constants and costs nothing more, so the new bucket runs it from its first step.

@@ -37,8 +37,8 @@ of the optimizer, called straight into inductor's kernel on the CPU. There, when
 and all are at one step, and the grads are plain dense CPU tensors laid out as the params (checked in a few
 C-level passes: `_readable_grads`), the whole bucket is instead one `call_rows`: a row per param, each grad
 read where it lies, nothing copied. Where compilation is not available or fails, it warns once and runs
-eagerly. `execution="auto"` is bucketed and compiles a bucket once it has done
-`AUTO_COMPILE_WORK` element-updates eagerly, so short runs (and test suites) never pay the seconds a
+eagerly. `execution="auto"` is bucketed and compiles the buckets once they have done
+`AUTO_COMPILE_WORK` element-updates eagerly between them, so short runs (and test suites) never pay the seconds a
 compilation costs, and long ones get the fused loop; the switch point depends on sizes and steps only, so a
 run is reproducible.
 """
@@ -81,9 +81,10 @@ EAGER_CHUNK = 1 << 19
 working set of one call in the last-level cache."""
 
 AUTO_COMPILE_WORK = 1 << 30
-"""Element-updates a bucket does eagerly before `execution="auto"` compiles it, so that short runs (and test
-suites) never pay for a compilation: 64 steps of 16M elements, 2500 of MNIST's CNN. An update compiled
-already for the same constants is used at once. docs/performance.md, "The first steps", has the trade-off."""
+"""Element-updates an optimizer's buckets do eagerly, all together, before `execution="auto"` compiles them, so
+that short runs (and test suites) never pay for a compilation: 64 steps of 16M elements, 2500 of MNIST's CNN.
+An update compiled already for the same constants is used at once. docs/performance.md, "The first steps",
+has the trade-off."""
 
 IN_PLACE_GRAD_NUMEL = 1 << 16
 """A param of at least this many elements whose grad is not the bucket's view (torch's default `zero_grad()`
@@ -312,15 +313,19 @@ class BucketedExecution:
         self.mode = mode
         self.kind = type(optimizer).kind
         self._whole_tensors = self.kind == "tensorwise"
+        """Whether each large param must be a segment of its own, and several small ones carry their starts."""
         self._stacked = self.kind == "matrixwise"
         """Whether buckets stack params of one shape, stepped as one batch (a leading dim)."""
-        """Whether each large param must be a segment of its own, and several small ones carry their starts."""
         self._records: dict[int, tuple[Group, list[torch.Tensor], int, list[Bucket], list[torch.Tensor]]] = {}
         self._owner: dict[torch.Tensor, tuple[Bucket, int]] = {}
         self._compiled: dict[Hashable, CompiledUpdate | None] = {}
+        """Compiled updates by their constants (`_constants_key`); None where compiling failed."""
         self._reductions: dict[Hashable, CompiledReduction | None] = {}
         """Compiled first passes (`reduces`) by their constants; None where compiling failed."""
-        """Compiled updates by their constants (`_constants_key`); None where compiling failed."""
+        self.eager_work = 0
+        """Element-updates that all buckets together have done eagerly. `execution="auto"` compiles every bucket
+        once this reaches `AUTO_COMPILE_WORK`: the threshold is a number of steps of the whole model, so a model
+        of many small buckets (a stacked optimizer's, one per shape) compiles when a model of one bucket would."""
         self._seen_states: list[State] = []
         """`optimizer.state`'s dicts at the last step (see `_refresh_states`)."""
         fusable = self.kind == "elementwise" and not getattr(type(optimizer), "reduces", False)
@@ -566,7 +571,7 @@ class BucketedExecution:
         """The compiled first pass for `bucket`, on the same terms as its compiled update (`_compiled_for`)."""
         if self.mode == "bucketed" or bucket.compile_failed or self._stacked or not compilation_supported():
             return None
-        if self.mode == "auto" and bucket.eager_work < AUTO_COMPILE_WORK:
+        if self.mode == "auto" and self.eager_work < AUTO_COMPILE_WORK:
             return None
         key = self._constants_key(group, bucket, scalars)
         if key is None:
@@ -723,7 +728,7 @@ class BucketedExecution:
             if extents:  # A reduction needs the whole segment in one call.
                 eager = {**scalars, "extents": TensorExtents(segment.starts, segment.row_numel)}
                 optimizer.update({"step": step + 1, **segment.state}, group, grad, segment.param, eager)
-                bucket.eager_work += length
+                self._did_eagerly(bucket, length)
                 continue
             for start in range(0, length, EAGER_CHUNK):
                 stop = min(start + EAGER_CHUNK, length)
@@ -731,7 +736,7 @@ class BucketedExecution:
                 state = segment.state if whole else {key: value[start:stop] for key, value in segment.state.items()}
                 param = segment.param if whole else segment.param[start:stop]
                 optimizer.update({"step": step + 1, **state}, group, grad[start:stop], param, scalars)
-            bucket.eager_work += length
+            self._did_eagerly(bucket, length)
 
     def _step_stack(
         self, group: Group, bucket: Bucket, first: int, last: int, step: int, base_scalars: Scalars
@@ -755,7 +760,11 @@ class BucketedExecution:
             except Exception as error:  # Whatever the compiler raises, the eager path still works.
                 self._compile_failed(group, bucket, scalars, error)
         self.optimizer.update({"step": step + 1, **state}, group, grad, param, scalars)
-        bucket.eager_work += segment.stop - segment.start
+        self._did_eagerly(bucket, segment.stop - segment.start)
+
+    def _did_eagerly(self, bucket: Bucket, work: int) -> None:
+        bucket.eager_work += work
+        self.eager_work += work
 
     def _compiled_for(self, group: Group, bucket: Bucket, scalars: Scalars) -> CompiledUpdate | None:
         """The compiled update for this step of `bucket`, made on first use, or None to run eagerly."""
@@ -765,7 +774,7 @@ class BucketedExecution:
         # these constants is compiled already (another group, or this one before `.to()` rebuilt its buckets).
         if (
             self.mode == "auto"
-            and bucket.eager_work < AUTO_COMPILE_WORK
+            and self.eager_work < AUTO_COMPILE_WORK
             and (not self._compiled or self._compiled.get(self._constants_key(group, bucket, scalars)) is None)
         ):
             return None
