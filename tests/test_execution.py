@@ -697,6 +697,14 @@ def check_compiled_part(
         # LAMB: segments of several params (their norms by their starts) and of a large param alone are two
         # updates; its global norm is one compiled first pass.
         assert 1 <= len(variants) <= 2 and len(compiled_reductions(part)) == 1
+        # Its first pass is one output, the sums, and on the CPU its kernel is called directly; so is the update
+        # of a whole param, one call a param (never by rows, which would split its norms among threads).
+        assert all(reduction.direct == (DEVICE.type == "cpu") for reduction in compiled_reductions(part))
+        # Whole params' updates (test_a_tensorwise_update_of_whole_params_is_called_directly) never go by rows,
+        # which would split their norms among threads, nor segments of several params directly.
+        whole = [variant for variant in variants if variant and variant.fixed.get("extents") == "whole"]
+        assert all(variant and not variant.calls_rows for variant in variants)
+        assert all(variant and not variant.direct for variant in variants if variant not in whole)
         return
     # One per branch (RAdam's and AdaBelief's rectifier off, then on); on the CPU, called directly, from C,
     # single-threaded kernels split among the threads by the loop over rows.
@@ -705,6 +713,7 @@ def check_compiled_part(
     if DEVICE.type != "cpu":  # Elsewhere every call goes through torch.compile.
         return
     assert all(variant and variant.direct and variant.calls_rows and variant._single_threaded for variant in variants)
+    assert all(reduction and reduction.direct for reduction in compiled_reductions(part))
     rows_called = sum(variant.row_calls for variant in variants if variant is not None)
     if reduces:
         # Prodigy's first pass gathers the grads into the bucket, once for both passes: the update then reads
@@ -717,6 +726,28 @@ def check_compiled_part(
         bucket.flat_grad.zero_()
         train(name, options, "compiled", model=actual[0], optimizer=actual[1], steps=1, start=STEPS)
         assert not bucket.flat_grad.any()
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_a_tensorwise_update_of_whole_params_is_called_directly(
+    set_to_none: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # LAMB on two weight matrices, each a segment of its own: its norms are over the whole param, so its kernel
+    # may be called directly, a call a param, once it has stepped a scratch prefix as torch.compile does. It
+    # learns its arguments on a call whose param starts its buffer: dynamo passes a view's storage offset
+    # as an argument, which the plans do not know (such a variant keeps going through torch.compile).
+    monkeypatch.setattr(execution, "IN_PLACE_GRAD_NUMEL", MLP_WEIGHTS_ARE_LARGE)
+
+    def weights_only() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 7, bias=False), nn.Tanh(), nn.Linear(7, 3, bias=False)).to(DEVICE, DTYPE)
+
+    expected = reference("lamb", {}, model=weights_only(), set_to_none=set_to_none)
+    actual = train("lamb", {}, "compiled", model=weights_only(), set_to_none=set_to_none)
+    assert_same(expected, actual, exact=False)
+    (variant,) = compiled_updates(actual[1])
+    assert variant is not None and variant.fixed.get("extents") == "whole"
+    assert variant.direct == (DEVICE.type == "cpu") and not variant.calls_rows
 
 
 def compiled_reductions(optimizer: torch.optim.Optimizer) -> list[Any]:
@@ -792,18 +823,25 @@ def test_hyperparameters_changing_every_step_stop_compiling_with_a_warning(monke
     assert_same(expected, actual, exact=False)
 
 
-def test_a_kernel_that_does_not_reproduce_torch_compile_is_not_called_directly(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("name", ["adam", "prodigy", "lamb"])
+def test_a_kernel_that_does_not_reproduce_torch_compile_is_not_called_directly(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Were the kernel's argument order learned wrong (here: param and grad swapped), the self-test on scratch
-    # inputs must catch it, and every call then goes through torch.compile.
+    # inputs must catch it, and every call then goes through torch.compile. For a first pass (Prodigy's sums
+    # of grad and param, LAMB's of the grad alone) the sums it returns give it away.
     real_itemgetter = operator.itemgetter
 
     def swapping_param_and_grad(*indices: int) -> Callable[[Any], Any]:
         return real_itemgetter(*[{0: 1, 1: 0}.get(index, index) for index in indices])
 
     monkeypatch.setattr(compiled, "operator", SimpleNamespace(itemgetter=swapping_param_and_grad))
-    actual = train("adam", {}, "compiled")
-    assert_same(reference("adam", {}), actual, exact=False)
-    assert [variant is not None and variant.direct for variant in compiled_updates(actual[1])] == [False]
+    actual = train(name, {}, "compiled")
+    assert_same(reference(name, {}), actual, exact=False)
+    assert all(variant is not None and not variant.direct for variant in compiled_updates(actual[1]))
+    reductions = compiled_reductions(actual[1])
+    assert len(reductions) == (0 if name == "adam" else 1)
+    assert all(reduction is not None and not reduction.direct for reduction in reductions)
 
 
 def skipping_the_last_row(real: Callable[..., None]) -> Callable[..., None]:

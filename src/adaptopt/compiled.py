@@ -39,12 +39,13 @@ ARM, where pointers and 64-bit integers are passed alike.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import operator
 import platform
 import sys
 import types
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -242,6 +243,7 @@ class CompiledUpdate:
         tag: str,
         *,
         direct: bool = True,
+        rows: bool = True,
         dynamic: bool = True,
     ) -> None:
         keys = tuple(state_keys)
@@ -263,12 +265,16 @@ class CompiledUpdate:
 
         self._update, self._tag = update, tag
         self._direct = direct
+        """Whether the kernel may be called directly: where its inputs are flat tensors of one length (the
+        argument plans know no others) on which a prefix is a valid input (the self-test steps one), so for
+        elementwise updates and tensorwise ones over one whole param."""
+        self._rows_allowed = rows
+        """Whether `call_rows` may split its elements among threads: an elementwise update's."""
         self._dynamic = dynamic
         """Whether the length (dim 0) is dynamic; a stacked update is compiled for its shape."""
-        """Whether the kernel may be called directly and over rows: for elementwise updates only, as rows
-        split a param's elements among threads, and the argument plans know flat inputs of one length."""
         self._single_threaded = (
             direct
+            and rows
             and device.type == "cpu"
             and _rows_function() is not None
             and internals.inductor_setting_available("cpp.threads")
@@ -281,9 +287,7 @@ class CompiledUpdate:
         """Inductor's compiled graph, called directly (boxed: one list of arguments) once verified."""
         self._arguments: Callable[..., tuple[Any, ...]] | None = None
         """Picks the kernel's arguments, in its order, out of `(param, grad, packed, *state, length)`."""
-        self._probe: tuple[torch.Tensor, ...] | None = None
-        self._candidate: tuple[Callable[[list[Any]], Any], Callable[..., tuple[Any, ...]]] | None = None
-        """The kernel and its argument order, learned on the compiling call, until they pass the self-test."""
+        self._learner = _KernelLearner()
         self._rows: _RowKernel | None = None
         """Inductor's C kernel, once `call_rows` has proved itself with it (`_learn_rows`)."""
         self.row_calls = 0
@@ -376,18 +380,15 @@ class CompiledUpdate:
             return
         for tensor in (param, grad, *state) if self._dynamic else ():
             internals.mark_dynamic(tensor, 0)
-        if self._kernel is None and param.device.type == "cpu" and self._direct:
-            self._probe = (param, grad, packed, *state)
-        try:
-            self._dynamo(param, grad, packed, *state)
-        finally:
-            self._probe = None
-        if self._candidate is not None:
-            kernel, arguments = self._candidate
-            self._candidate = None
-            if self._reproduces_torch_compile(kernel, arguments, (param, grad, packed, *state)):
-                self._kernel, self._arguments = kernel, arguments
-                self._rows = self._learn_rows(kernel, arguments, (param, grad, packed, *state))
+        inputs = (param, grad, packed, *state)
+        with self._learner.probing(
+            inputs if self._kernel is None and param.device.type == "cpu" and self._direct else None
+        ):
+            self._dynamo(*inputs)
+        candidate = self._learner.take()
+        if candidate is not None and _reproduces_torch_compile(self._dynamo, *candidate, inputs):
+            self._kernel, self._arguments = candidate
+            self._rows = self._learn_rows(*candidate, inputs) if self._rows_allowed else None
         if self._single_threaded and self._rows is None:
             # This call went well, but a single-threaded kernel without the rows would leave threads idle.
             self._single_threaded = False
@@ -401,36 +402,7 @@ class CompiledUpdate:
         settings: dict[str, Any] = {"size_asserts": False}
         if self._single_threaded:
             settings["cpp.threads"] = 1
-        graph, kernel = internals.compile_keeping_kernel(graph_module, example_inputs, settings)
-        CompiledUpdate.compilations += 1
-
-        def run(*args: Any) -> Any:
-            if self._probe is not None and kernel is not None:
-                arguments = _argument_order(self._probe, args)
-                if arguments is not None:
-                    self._candidate = (kernel, arguments)
-            self._probe = None
-            return graph(*args)
-
-        return run
-
-    def _reproduces_torch_compile(
-        self, kernel: Callable[[list[Any]], Any], arguments: Callable[..., tuple[Any, ...]], inputs: tuple[Any, ...]
-    ) -> bool:
-        """Whether `kernel`, given `arguments(...)`, updates scratch copies of a prefix of `inputs` exactly as
-        the `torch.compile` path (dynamo, with its own view of the arguments) updates another set of copies."""
-        name = "CompiledFxGraph.current_callable"
-        expected, actual = _scratch(inputs), _scratch(inputs)
-        try:
-            self._dynamo(*expected)
-            kernel(list(arguments((*actual, actual[0].shape[0]))))
-        except Exception as error:
-            internals.lose(name, f"calling it directly raised {type(error).__name__}: {error}")
-            return False
-        if not all(map(_same_bits, expected, actual)):
-            internals.lose(name, "called directly, it did not update as torch.compile")
-            return False
-        return True
+        return self._learner.backend(graph_module, example_inputs, settings)
 
     def _learn_rows(
         self, kernel: Callable[[list[Any]], Any], arguments: Callable[..., tuple[Any, ...]], inputs: tuple[Any, ...]
@@ -492,7 +464,14 @@ class CompiledUpdate:
 
 class CompiledReduction:
     """An optimizer's first pass (`reduce_param`, after `maximize`) compiled for one set of constants, over
-    flat segments of any length: it updates the segment's state and returns its sums by name."""
+    flat segments of any length: it updates the segment's state and returns its sums by name.
+
+    The compiled function returns the sums as one float64 vector, in an order learned at the first call from
+    an eager `reduce_param` on scratch copies of a prefix of the segment. A single output is what lets the
+    kernel be called directly on the CPU, as `CompiledUpdate`'s is (the module docstring), once it has
+    reproduced the `torch.compile` path bitwise on scratch inputs, its sums included; a first pass is one
+    call per segment (a large param read where its grad lies is one), and dynamo's guards cost as much as a
+    small param's sums."""
 
     def __init__(
         self,
@@ -507,8 +486,10 @@ class CompiledReduction:
         self.names = scalar_names = tuple(name for name, value in scalars.items() if isinstance(value, float))
         fixed = {name: value for name, value in scalars.items() if name not in scalar_names}
         self._device = device
+        self._sums: tuple[str, ...] | None = None
+        """The names of `reduce_param`'s sums, in the order of the compiled vector; learned at the first call."""
 
-        def reduction(
+        def sums_by_name(
             param: torch.Tensor, grad: torch.Tensor, packed: torch.Tensor, *state: torch.Tensor
         ) -> dict[str, torch.Tensor]:
             scalars = dict(fixed)
@@ -518,19 +499,137 @@ class CompiledReduction:
                 grad = -grad
             return optimizer.reduce_param(dict(zip(keys, state, strict=True)), constants, grad, param, scalars)
 
+        def reduction(
+            param: torch.Tensor, grad: torch.Tensor, packed: torch.Tensor, *state: torch.Tensor
+        ) -> torch.Tensor:
+            sums = sums_by_name(param, grad, packed, *state)
+            return torch.stack([sums[name].to(torch.float64).sum() for name in self._sums or ()])
+
+        self._sums_by_name = sums_by_name
         code = reduction.__code__.replace(co_name=f"adaptopt_reduction_{tag}")
         function = types.FunctionType(code, reduction.__globals__, code.co_name, None, reduction.__closure__)
-        backend: Any = CompiledUpdate._compile_plain if internals.kernel_keeping_available() else "inductor"
-        self._compiled = torch.compile(function, fullgraph=True, dynamic=False, backend=backend)
+        self._learner = _KernelLearner()
+        backend: Any = "inductor"
+        if internals.kernel_keeping_available():
+            backend = self._compile if device.type == "cpu" else CompiledUpdate._compile_plain
+        self._dynamo = torch.compile(function, fullgraph=True, dynamic=False, backend=backend)
+        self._kernel: Callable[[list[Any]], Any] | None = None
+        self._arguments: Callable[..., tuple[Any, ...]] | None = None
+        self._packed = torch.zeros(len(scalar_names), dtype=torch.float64) if device.type == "cpu" else None
+        self._packed_numpy = None if self._packed is None else self._packed.numpy()
+
+    @property
+    def direct(self) -> bool:
+        """Whether calls go straight to inductor's kernel (see the class docstring)."""
+        return self._arguments is not None
+
+    def _compile(self, graph_module: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        return self._learner.backend(graph_module, example_inputs, {"size_asserts": False})
+
+    def _pack(self, scalars: Scalars) -> torch.Tensor:
+        """This step's float scalars as one float64 tensor (on the CPU, the same one: `CompiledUpdate.pack`)."""
+        values = [scalars[name] for name in self.names]
+        if self._packed is None or self._packed_numpy is None:
+            return torch.tensor(values, dtype=torch.float64, device=self._device)
+        self._packed_numpy[:] = values
+        return self._packed
 
     def __call__(
         self, param: torch.Tensor, grad: torch.Tensor, scalars: Scalars, state: list[torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        packed = torch.tensor([scalars[name] for name in self.names], dtype=torch.float64, device=self._device)
+        packed = self._pack(scalars)
+        inputs = (param, grad, packed, *state)
+        if self._sums is None:
+            with torch.no_grad():
+                self._sums = tuple(self._sums_by_name(*_scratch(inputs)))
+        if not self._sums:
+            return {}
+        if self._arguments is not None:
+            assert self._kernel is not None
+            (vector,) = self._kernel(list(self._arguments((*inputs, param.shape[0]))))
+            return dict(zip(self._sums, vector, strict=True))
         for tensor in (param, grad, *state):
             internals.mark_dynamic(tensor, 0)
-        result: dict[str, torch.Tensor] = self._compiled(param, grad, packed, *state)
-        return result
+        with self._learner.probing(inputs if self._kernel is None and param.device.type == "cpu" else None):
+            vector = self._dynamo(*inputs)
+        candidate = self._learner.take()
+        if candidate is not None and _reproduces_torch_compile(self._dynamo, *candidate, inputs, returns=True):
+            self._kernel, self._arguments = candidate
+        return dict(zip(self._sums, vector, strict=True))
+
+
+class _KernelLearner:
+    """Dynamo's backend for a kernel that may be called directly: inductor, keeping hold of the kernel it
+    compiles, and learning, on the call that compiles it, in which order that kernel takes our inputs (those
+    of the call made while `probing` them)."""
+
+    def __init__(self) -> None:
+        self._probe: tuple[Any, ...] | None = None
+        self._candidate: tuple[Callable[[list[Any]], Any], Callable[..., tuple[Any, ...]]] | None = None
+
+    def backend(
+        self, graph_module: torch.fx.GraphModule, example_inputs: list[Any], settings: dict[str, Any]
+    ) -> Callable[..., Any]:
+        graph, kernel = internals.compile_keeping_kernel(graph_module, example_inputs, settings)
+        CompiledUpdate.compilations += 1
+
+        def run(*args: Any) -> Any:
+            if self._probe is not None and kernel is not None:
+                arguments = _argument_order(self._probe, args)
+                if arguments is not None:
+                    self._candidate = (kernel, arguments)
+            self._probe = None
+            return graph(*args)
+
+        return run
+
+    @contextlib.contextmanager
+    def probing(self, inputs: tuple[Any, ...] | None) -> Iterator[None]:
+        """Learn the argument order from a compilation during this block, if `inputs` are given."""
+        self._probe = inputs
+        try:
+            yield
+        finally:
+            self._probe = None
+
+    def take(self) -> tuple[Callable[[list[Any]], Any], Callable[..., tuple[Any, ...]]] | None:
+        """The kernel and its argument order, learned by the last `probing`, until they pass the self-test."""
+        candidate, self._candidate = self._candidate, None
+        return candidate
+
+
+def _reproduces_torch_compile(
+    dynamo: Callable[..., Any],
+    kernel: Callable[[list[Any]], Any],
+    arguments: Callable[..., tuple[Any, ...]],
+    inputs: tuple[Any, ...],
+    *,
+    returns: bool = False,
+) -> bool:
+    """Whether `kernel`, given `arguments(...)`, updates scratch copies of a prefix of `inputs` exactly as the
+    `torch.compile` path (`dynamo`, with its own view of the arguments) updates another set of copies, and,
+    if it `returns` a tensor, returns the same one (as the only item of its outputs)."""
+    name = "CompiledFxGraph.current_callable"
+    expected, actual = _scratch(inputs), _scratch(inputs)
+    try:
+        wanted = dynamo(*expected)
+        outputs = kernel(list(arguments((*actual, actual[0].shape[0]))))
+    except Exception as error:
+        internals.lose(name, f"calling it directly raised {type(error).__name__}: {error}")
+        return False
+    if returns and not (
+        isinstance(outputs, (list, tuple))
+        and len(outputs) == 1
+        and isinstance(outputs[0], torch.Tensor)
+        and outputs[0].shape == wanted.shape
+        and _same_bits(wanted, outputs[0])
+    ):
+        internals.lose(name, "called directly, it did not return what torch.compile returns")
+        return False
+    if not all(map(_same_bits, expected, actual)):
+        internals.lose(name, "called directly, it did not update as torch.compile")
+        return False
+    return True
 
 
 def _same_bits(want: Any, got: Any) -> bool:
@@ -542,14 +641,26 @@ def _same_bits(want: Any, got: Any) -> bool:
 
 def _scratch(inputs: tuple[Any, ...]) -> list[Any]:
     """Copies of a prefix of `(param, grad, packed, *state)` to test a kernel on: the real scalars, the rest
-    `SELF_TEST_LENGTH` elements long (or all there is), the state nudged so that none is all zeros."""
+    `SELF_TEST_LENGTH` elements long (or all there is), the state nudged so that none is all zeros. Each copy
+    lies at its original's storage offset (in a buffer of its own): torch 2.7's dynamo passes a view's offset
+    to the graph and guards on it being 0 or not, so a copy at offset 0 of a view at 10 would recompile."""
     length = min(inputs[0].shape[0], SELF_TEST_LENGTH)
     generator = torch.Generator(device=inputs[0].device).manual_seed(0)
-    made: list[Any] = [inputs[0][:length].clone(), inputs[1][:length].clone(), inputs[2]]
+    made: list[Any] = [_copy_at_its_offset(inputs[0], length), _copy_at_its_offset(inputs[1], length), inputs[2]]
     for tensor in inputs[3:]:
-        copy = tensor[:length].clone()
+        copy = _copy_at_its_offset(tensor, length)
         made.append(copy.add_(torch.rand(copy.shape, generator=generator, dtype=copy.dtype, device=copy.device)))
     return made
+
+
+def _copy_at_its_offset(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """A copy of `tensor[:length]` with its shape, strides and storage offset (a complex bucket's real views
+    are `(n, 2)`)."""
+    prefix = tensor[:length]
+    offset = prefix.storage_offset()
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(prefix.shape, prefix.stride(), strict=True))
+    buffer = torch.empty(offset + extent, dtype=tensor.dtype, device=tensor.device)
+    return buffer.as_strided(prefix.shape, prefix.stride(), offset).copy_(prefix)
 
 
 def _argument_plan(inputs: Sequence[Any], args: Sequence[Any]) -> list[int] | None:

@@ -815,7 +815,10 @@ class BucketedExecution:
             scalars,
             bucket.flat_param.device,
             tag,
-            direct=self.kind == "elementwise",
+            # Rows split a param's elements among threads: for elementwise updates only. A tensorwise update
+            # over one whole param may still be called directly, one call a param.
+            direct=self.kind == "elementwise" or scalars.get("extents") == "whole",
+            rows=self.kind == "elementwise",
             dynamic=not self._stacked,
         )
         self._compiled[key] = bucket.compiled = compiled
