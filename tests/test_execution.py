@@ -700,9 +700,11 @@ def check_compiled_part(
         # Its first pass is one output, the sums, and on the CPU its kernel is called directly; so is the update
         # of a whole param, one call a param (never by rows, which would split its norms among threads).
         assert all(reduction.direct == (DEVICE.type == "cpu") for reduction in compiled_reductions(part))
-        # Whole params' updates (test_a_tensorwise_update_of_whole_params_is_called_directly) never go by rows,
-        # which would split their norms among threads, nor segments of several params directly.
+        # A whole param's update is called directly too, one call a param, though the params lie after the
+        # biases in their buckets (dynamo then passes their storage offsets); never by rows, which would split
+        # its norms among threads. Segments of several params (their starts a tensor of its own) are not.
         whole = [variant for variant in variants if variant and variant.fixed.get("extents") == "whole"]
+        assert whole and all(variant.direct == (DEVICE.type == "cpu") for variant in whole)
         assert all(variant and not variant.calls_rows for variant in variants)
         assert all(variant and not variant.direct for variant in variants if variant not in whole)
         return
@@ -733,9 +735,8 @@ def test_a_tensorwise_update_of_whole_params_is_called_directly(
     set_to_none: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # LAMB on two weight matrices, each a segment of its own: its norms are over the whole param, so its kernel
-    # may be called directly, a call a param, once it has stepped a scratch prefix as torch.compile does. It
-    # learns its arguments on a call whose param starts its buffer: dynamo passes a view's storage offset
-    # as an argument, which the plans do not know (such a variant keeps going through torch.compile).
+    # may be called directly, a call a param, once it has stepped a scratch prefix as torch.compile does; the
+    # first starts its buffer, the second does not (dynamo passes its storage offset to the graph).
     monkeypatch.setattr(execution, "IN_PLACE_GRAD_NUMEL", MLP_WEIGHTS_ARE_LARGE)
 
     def weights_only() -> nn.Module:
@@ -748,6 +749,21 @@ def test_a_tensorwise_update_of_whole_params_is_called_directly(
     (variant,) = compiled_updates(actual[1])
     assert variant is not None and variant.fixed.get("extents") == "whole"
     assert variant.direct == (DEVICE.type == "cpu") and not variant.calls_rows
+
+
+def test_storage_offsets_that_dynamo_passes_are_read_off_each_call() -> None:
+    # The plan of a graph that takes a storage offset reads it off the input it was learned from, at each call;
+    # only dynamo's arguments may hold one (a C kernel's take the length alone).
+    buffer = torch.zeros(10)
+    param, grad, state = buffer[5:9], torch.zeros(4), buffer[5:9].clone()
+    arguments = compiled._argument_order((param, grad, state), [param, 4, 5, grad])
+    assert arguments is not None
+    assert arguments((param, grad, state, 4)) == (param, 4, 5, grad)
+    moved, fewer = buffer[6:9], grad[:3]
+    assert arguments((moved, fewer, state[:3], 3)) == (moved, 3, 6, fewer)  # identical tensors compare equal
+    assert compiled._argument_plan((param, grad, state), [param, 5], offsets=True) == [0, 4]
+    assert compiled._argument_plan((param, grad, state), [param, 5]) is None
+    assert compiled._argument_plan((param, grad, state), [param, 7], offsets=True) is None
 
 
 def compiled_reductions(optimizer: torch.optim.Optimizer) -> list[Any]:

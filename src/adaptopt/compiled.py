@@ -663,10 +663,14 @@ def _copy_at_its_offset(tensor: torch.Tensor, length: int) -> torch.Tensor:
     return buffer.as_strided(prefix.shape, prefix.stride(), offset).copy_(prefix)
 
 
-def _argument_plan(inputs: Sequence[Any], args: Sequence[Any]) -> list[int] | None:
+def _argument_plan(inputs: Sequence[Any], args: Sequence[Any], *, offsets: bool = False) -> list[int] | None:
     """Where each of a kernel's arguments `args` is in `(*inputs, length)`: each tensor is one of `inputs` (by
-    identity), each int the length of the first; None if anything else shows up, or nothing does."""
+    identity), each int the length of the first; None if anything else shows up, or nothing does. With
+    `offsets`, an int may also be the storage offset of one of `inputs` (the first with that offset), which the
+    plan gives as `len(inputs) + 1 + its index`: dynamo passes the offset of a view that does not start its
+    storage (a param after others in its bucket) to the graph, which only checks it."""
     length = inputs[0].shape[0]
+    starts = [tensor.storage_offset() if isinstance(tensor, torch.Tensor) else None for tensor in inputs]
     plan = []
     for arg in args:
         matches = [index for index, tensor in enumerate(inputs) if tensor is arg]
@@ -674,15 +678,23 @@ def _argument_plan(inputs: Sequence[Any], args: Sequence[Any]) -> list[int] | No
             plan.append(matches[0])
         elif type(arg) is int and arg == length:
             plan.append(len(inputs))
+        elif offsets and type(arg) is int and arg in starts:
+            plan.append(len(inputs) + 1 + starts.index(arg))
         else:
             return None
     return plan or None
 
 
 def _argument_order(inputs: tuple[Any, ...], args: Sequence[Any]) -> Callable[..., tuple[Any, ...]] | None:
-    """How to pick dynamo's arguments `args` out of `(*inputs, length)` (see `_argument_plan`)."""
-    plan = _argument_plan(inputs, args)
+    """How to pick dynamo's arguments `args` out of `(*inputs, length)` (see `_argument_plan`): the storage
+    offsets it may take are read off the inputs of each call."""
+    plan = _argument_plan(inputs, args, offsets=True)
     if plan is None:
         return None
+    count = len(inputs)
+    if any(source > count for source in plan):
+        return lambda values: tuple(
+            values[source] if source <= count else values[source - count - 1].storage_offset() for source in plan
+        )
     pick = operator.itemgetter(*plan)
     return pick if len(plan) > 1 else lambda values: (pick(values),)
