@@ -361,11 +361,7 @@ class CompiledUpdate:
         still be running asynchronously when the next step comes, so each step gets a new tensor, on that
         device, so that the compiled graph does not mix devices (`benchmarks/gpu_check.sh` checks it there).
         """
-        values = [scalars[name] for name in self.names]
-        if self._packed is None or self._packed_numpy is None:
-            return torch.tensor(values, dtype=torch.float64, device=self._device)
-        self._packed_numpy[:] = values
-        return self._packed
+        return _pack_scalars(self.names, scalars, self._packed, self._packed_numpy, self._device)
 
     def __call__(
         self, param: torch.Tensor, grad: torch.Tensor, packed: torch.Tensor, state: list[torch.Tensor]
@@ -528,11 +524,7 @@ class CompiledReduction:
 
     def _pack(self, scalars: Scalars) -> torch.Tensor:
         """This step's float scalars as one float64 tensor (on the CPU, the same one: `CompiledUpdate.pack`)."""
-        values = [scalars[name] for name in self.names]
-        if self._packed is None or self._packed_numpy is None:
-            return torch.tensor(values, dtype=torch.float64, device=self._device)
-        self._packed_numpy[:] = values
-        return self._packed
+        return _pack_scalars(self.names, scalars, self._packed, self._packed_numpy, self._device)
 
     def __call__(
         self, param: torch.Tensor, grad: torch.Tensor, scalars: Scalars, state: list[torch.Tensor]
@@ -630,6 +622,22 @@ def _reproduces_torch_compile(
         internals.lose(name, "called directly, it did not update as torch.compile")
         return False
     return True
+
+
+def _pack_scalars(
+    names: Sequence[str],
+    scalars: Scalars,
+    packed: torch.Tensor | None,
+    packed_numpy: np.ndarray | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """The float `scalars` named `names` as one float64 tensor: `packed`, rewritten through its numpy view, on the
+    CPU; a new tensor on `device` elsewhere (`CompiledUpdate.pack` says why)."""
+    values = [scalars[name] for name in names]
+    if packed is None or packed_numpy is None:
+        return torch.tensor(values, dtype=torch.float64, device=device)
+    packed_numpy[:] = values
+    return packed
 
 
 def _same_bits(want: Any, got: Any) -> bool:
